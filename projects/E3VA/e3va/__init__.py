@@ -1,0 +1,35 @@
+"""E3VA: parameter-, memory- and time-efficient visual adapters for Detectron2.
+
+Importing the package registers its Detectron2 pieces: the yacs backbone builders and the synthetic
+``shapes_train`` / ``shapes_val`` datasets (generated lazily, on first use).
+"""
+from pathlib import Path
+
+from .adapters import DualLowRankLinear, HighwayAdapter
+from .backbone import E3VASwin, SwinHighway
+from .checkpoint import E3VACheckpointer
+from .config import add_e3va_config, build_e3va_swin_backbone, build_e3va_swin_fpn_backbone
+from .swin import SWIN_PRESETS, SWIN_PRETRAINED_URLS, build_swin_trunk
+from .tuning import TUNING_METHODS, AdapterSpec, TuningMethod, get_tuning_method
+
+# The project's own small pretrained trunk (Swin "nano", made by tools/pretrain_nano_swin.py).
+NANO_SWIN_WEIGHTS = Path(__file__).parent / "weights" / "swin_nano_shapes_pretrained.pth"
+
+__all__ = [
+    "AdapterSpec",
+    "DualLowRankLinear",
+    "E3VACheckpointer",
+    "E3VASwin",
+    "HighwayAdapter",
+    "NANO_SWIN_WEIGHTS",
+    "SWIN_PRESETS",
+    "SWIN_PRETRAINED_URLS",
+    "SwinHighway",
+    "TUNING_METHODS",
+    "TuningMethod",
+    "add_e3va_config",
+    "build_e3va_swin_backbone",
+    "build_e3va_swin_fpn_backbone",
+    "build_swin_trunk",
+    "get_tuning_method",
+]

@@ -1,0 +1,225 @@
+"""The E3VA backbone: a frozen Swin trunk and the adapter highway that runs beside it.
+
+For block ``j`` of a stage, the trunk computes (unchanged, without autograd unless a method trains it)
+
+    h_j = x_{j-1} + WMSA(LN(x_{j-1}))          x_j = h_j + MLP(LN(h_j))
+
+and the highway adds, with autograd,
+
+    d_j = d_{j-1} + A_j(x_{j-1}) + M_j(h_j)
+
+where ``A_j`` and ``M_j`` are the adapters beside attention and beside the MLP. A stage's output is
+``norm(x_end + d_end)`` (to the FPN); at a stage end the highway crosses the trunk's own frozen patch
+merging, ``d_next = PM(x_end + d_end) - PM(x_end)``. At initialisation every adapter outputs zero, so
+``d = 0`` everywhere and the backbone returns the trunk's features. See projects/E3VA/README.md.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone import Backbone
+from torch import nn
+
+from .adapters import HighwayAdapter
+from .swin import build_swin_trunk
+from .tuning import AdapterSpec, TuningMethod, get_tuning_method
+
+__all__ = ["E3VASwin", "SwinHighway"]
+
+
+class SwinHighway(nn.Module):
+    """The trainable E3VA highway: two parallel adapters per Swin block, grouped by stage."""
+
+    def __init__(self, stage_dims: Sequence[int], depths: Sequence[int], spec: AdapterSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.beside_attn = nn.ModuleList()
+        self.beside_mlp = nn.ModuleList()
+        for dim, depth in zip(stage_dims, depths):
+            bottleneck = max(1, int(round(dim * spec.bottleneck_ratio)))
+            make = lambda: HighwayAdapter(dim, bottleneck, spec.rank, spec.activation)  # noqa: E731
+            self.beside_attn.append(nn.ModuleList([make() for _ in range(depth)]))
+            self.beside_mlp.append(nn.ModuleList([make() for _ in range(depth)]))
+
+    def stage_update(
+        self, stage: int, block_inputs: List[torch.Tensor], attn_outputs: List[torch.Tensor]
+    ) -> torch.Tensor:
+        """Sum of the stage's adapter outputs, given the activations the trunk's blocks produced.
+
+        Adapters are parallel (none reads another's output), so their order does not matter.
+        """
+        total = None
+        for adapter, x in zip(self.beside_attn[stage], block_inputs):
+            total = adapter(x) if total is None else total + adapter(x)
+        for adapter, h in zip(self.beside_mlp[stage], attn_outputs):
+            total = total + adapter(h)
+        return total
+
+
+class _StageTaps:
+    """Records, during one trunk stage, each block's input and its post-attention residual ``h``.
+
+    ``h`` is the input of the block's ``norm2``: reading it through a pre-hook leaves the trunk's code
+    and parameters exactly as released.
+    """
+
+    def __init__(self) -> None:
+        self.block_inputs: List[torch.Tensor] = []
+        self.attn_outputs: List[torch.Tensor] = []
+        self.recording = False
+
+    def attach(self, stage: nn.Module) -> None:
+        for block in stage.blocks:
+            block.register_forward_pre_hook(self._record(self.block_inputs))
+            block.norm2.register_forward_pre_hook(self._record(self.attn_outputs))
+
+    def _record(self, into: List[torch.Tensor]):
+        def hook(module: nn.Module, args) -> None:
+            if self.recording:
+                into.append(args[0])
+
+        return hook
+
+    @contextlib.contextmanager
+    def record(self):
+        self.block_inputs.clear()
+        self.attn_outputs.clear()
+        self.recording = True
+        try:
+            yield self
+        finally:
+            self.recording = False
+
+    def release(self) -> None:
+        self.block_inputs.clear()
+        self.attn_outputs.clear()
+
+
+class E3VASwin(Backbone):
+    """Swin backbone for Detectron2 tuned with a method of ``e3va.tuning`` (E3VA by default).
+
+    Outputs ``p0..p3`` (strides 4..32), to be fed to Detectron2's ``FPN``.
+
+    Args:
+        size: Swin preset, one of ``e3va.swin.SWIN_PRESETS`` (T, S, B, L, nano).
+        tuning: tuning method name, one of ``e3va.tuning.TUNING_METHODS``.
+        window_size: 7 or 12, as the pretrained checkpoint.
+        drop_path_rate: stochastic depth of the trunk.
+        out_features: which of ``p0..p3`` to return.
+        rank, bottleneck_ratio, activation: override the method's adapter shape.
+    """
+
+    def __init__(
+        self,
+        size: str = "T",
+        *,
+        tuning: str = "e3va",
+        window_size: int = 7,
+        drop_path_rate: float = 0.2,
+        out_features: Sequence[str] = ("p0", "p1", "p2", "p3"),
+        rank: Optional[int] = None,
+        bottleneck_ratio: Optional[float] = None,
+        activation: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.method: TuningMethod = get_tuning_method(tuning)
+        valid = ("p0", "p1", "p2", "p3")
+        bad = [f for f in out_features if f not in valid]
+        if bad or not out_features:
+            raise ValueError(f"Bad out_features {list(out_features)!r}; choose among {list(valid)}.")
+        self._out_features = list(out_features)
+
+        self.trunk = build_swin_trunk(size, window_size=window_size, drop_path_rate=drop_path_rate)
+        stage_dims = list(self.trunk.num_features)
+        depths = [len(stage.blocks) for stage in self.trunk.layers]
+
+        spec = self.method.highway
+        overrides = {k: v for k, v in dict(rank=rank, bottleneck_ratio=bottleneck_ratio,
+                                           activation=activation).items() if v is not None}
+        if overrides:
+            if spec is None:
+                raise ValueError(
+                    f"Adapter overrides {overrides} given, but tuning={tuning!r} has no highway adapters."
+                )
+            spec = AdapterSpec(**{**spec.__dict__, **overrides})
+        self.highway: Optional[SwinHighway] = SwinHighway(stage_dims, depths, spec) if spec else None
+
+        self._taps: List[_StageTaps] = []
+        if self.highway is not None:
+            for stage in self.trunk.layers:
+                taps = _StageTaps()
+                taps.attach(stage)
+                self._taps.append(taps)
+
+        self._freeze_trunk()
+        self._out_feature_channels = {f"p{i}": stage_dims[i] for i in range(4)}
+        self._out_feature_strides = {f"p{i}": 2 ** (i + 2) for i in range(4)}
+
+    # ------------------------------------------------------------------ parameters
+    def _freeze_trunk(self) -> None:
+        norm_names = {f"norm{i}" for i in range(4)}
+        for name, param in self.trunk.named_parameters():
+            if name.split(".")[0] in norm_names:
+                param.requires_grad_(self.method.train_out_norms)
+            else:
+                param.requires_grad_(self.method.trunk_trainable(name))
+
+    @property
+    def trunk_needs_autograd(self) -> bool:
+        """True iff some trunk parameter (other than the output norms) trains."""
+        norm_params = {id(p) for i in range(4) for p in self.out_norm(i).parameters()}
+        return any(p.requires_grad for p in self.trunk.parameters() if id(p) not in norm_params)
+
+    def out_norm(self, stage: int) -> nn.Module:
+        """The norm between stage ``stage`` and the FPN (the trunk's ``norm{stage}``, untrained by ImageNet)."""
+        return getattr(self.trunk, f"norm{stage}")
+
+    @property
+    def size_divisibility(self) -> int:
+        return 32
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
+            for f in self._out_features
+        }
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(
+                f"E3VASwin expects images of shape (N, 3, H, W), got {tuple(x.shape)}; "
+                "convert grayscale or RGBA inputs to 3 channels."
+            )
+        trunk = self.trunk
+        # No autograd in the trunk when nothing in it trains: none of its activations is kept.
+        trunk_grad = torch.enable_grad() if self.trunk_needs_autograd else torch.no_grad()
+        with trunk_grad:
+            tokens = trunk.patch_embed(x)
+            Wh, Ww = tokens.shape[2], tokens.shape[3]
+            tokens = trunk.pos_drop(tokens.flatten(2).transpose(1, 2))
+
+        wanted = {int(f[1:]) for f in self._out_features}
+        last = max(wanted)
+        outputs: Dict[str, torch.Tensor] = {}
+        carried: Optional[torch.Tensor] = None  # the highway's state entering the stage
+        for i, stage in enumerate(trunk.layers[: last + 1]):
+            taps = self._taps[i] if self.highway is not None else None
+            with trunk_grad, (taps.record() if taps else contextlib.nullcontext()):
+                x_out, H, W, tokens, Wh, Ww = stage(tokens, Wh, Ww)
+            y = x_out
+            if self.highway is not None:
+                update = self.highway.stage_update(i, taps.block_inputs, taps.attn_outputs)
+                taps.release()
+                delta = update if carried is None else carried + update
+                y = x_out + delta
+                if stage.downsample is not None and i < last:
+                    # Frozen patch merging, with autograd for the highway's share of its input only.
+                    carried = stage.downsample(y, H, W) - tokens
+            if i in wanted:
+                out = self.out_norm(i)(y)
+                outputs[f"p{i}"] = out.view(-1, H, W, out.shape[-1]).permute(0, 3, 1, 2).contiguous()
+        return outputs

@@ -1,0 +1,79 @@
+"""Tuning methods: which parts of a Swin backbone train, and what E3VA adds beside the trunk.
+
+A method is a small frozen config, in the spirit of PEFT's tuner configs; ``E3VASwin`` reads it.
+Select one with a single override, e.g. ``model.backbone.bottom_up.tuning=e3va_plus``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+__all__ = ["AdapterSpec", "TuningMethod", "TUNING_METHODS", "get_tuning_method", "register_tuning_method"]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Shape of every highway adapter: bottleneck width = ``bottleneck_ratio`` x the stage's width."""
+
+    rank: int
+    bottleneck_ratio: float = 0.5
+    activation: str = "gelu"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"Adapter rank must be a positive integer, got {self.rank!r}.")
+        if not self.bottleneck_ratio > 0:
+            raise ValueError(f"bottleneck_ratio must be > 0, got {self.bottleneck_ratio!r}.")
+
+
+def _no_trunk_parameter(name: str) -> bool:
+    return False
+
+
+def _every_trunk_parameter(name: str) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class TuningMethod:
+    """What trains in the backbone.
+
+    Attributes:
+        name: the name used in configs.
+        highway: the adapters of the E3VA highway, or None for no highway.
+        trunk_trainable: predicate on a trunk parameter's name (as in ``SwinTransformer.named_parameters``,
+            without the output norms); the trunk runs under autograd only if it selects some parameter.
+        train_out_norms: whether the norms between the backbone and the FPN train.
+    """
+
+    name: str
+    highway: Optional[AdapterSpec] = None
+    trunk_trainable: Callable[[str], bool] = _no_trunk_parameter
+    train_out_norms: bool = False
+
+
+TUNING_METHODS: Dict[str, TuningMethod] = {}
+
+
+def register_tuning_method(method: TuningMethod) -> TuningMethod:
+    """Adds ``method`` to ``TUNING_METHODS``; a second method of the same name is an error."""
+    if method.name in TUNING_METHODS:
+        raise ValueError(f"Tuning method {method.name!r} is already registered.")
+    TUNING_METHODS[method.name] = method
+    return method
+
+
+def get_tuning_method(name: str) -> TuningMethod:
+    """Returns the registered method called ``name``; the error lists the valid names."""
+    if name not in TUNING_METHODS:
+        raise ValueError(f"Unknown tuning method {name!r}; expected one of {sorted(TUNING_METHODS)}.")
+    return TUNING_METHODS[name]
+
+
+register_tuning_method(TuningMethod("full", trunk_trainable=_every_trunk_parameter, train_out_norms=True))
+register_tuning_method(TuningMethod("fixed"))
+# Ranks 8/16/32 with a bottleneck of half the stage width reproduce the paper's trainable parameter
+# counts on Swin-B exactly (1.20 M / 2.35 M / 4.66 M, output norms included): see projects/E3VA/README.md.
+register_tuning_method(TuningMethod("e3va", highway=AdapterSpec(rank=8), train_out_norms=True))
+register_tuning_method(TuningMethod("e3va_plus", highway=AdapterSpec(rank=16), train_out_norms=True))
+register_tuning_method(TuningMethod("e3va_plusplus", highway=AdapterSpec(rank=32), train_out_norms=True))

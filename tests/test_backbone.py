@@ -1,0 +1,216 @@
+"""The E3VA Swin backbone: shapes, identity at initialisation, what trains, and what autograd keeps."""
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_backbone
+
+from e3va import E3VASwin, SWIN_PRESETS, TUNING_METHODS, add_e3va_config
+from e3va.adapters import DualLowRankLinear
+
+E3VA_PRESETS = ["e3va", "e3va_plus", "e3va_plusplus"]
+
+
+@pytest.mark.parametrize("size", ["T", "S", "B", "L", "nano"])
+def test_output_shapes_of_every_swin_size(size):
+    model = E3VASwin(size, tuning="e3va").eval()
+    x = torch.randn(1, 3, 70, 45)  # neither a multiple of the patch size nor of the windows
+    with torch.no_grad():
+        out = model(x)
+    dims = [SWIN_PRESETS[size]["embed_dim"] * 2**i for i in range(4)]
+    for i, name in enumerate(["p0", "p1", "p2", "p3"]):
+        stride = 2 ** (i + 2)
+        assert out[name].shape == (1, dims[i], -(-70 // stride), -(-45 // stride))
+        spec = model.output_shape()[name]
+        assert (spec.channels, spec.stride) == (dims[i], stride)
+
+
+@pytest.mark.parametrize("tuning", E3VA_PRESETS)
+@pytest.mark.parametrize("window_size", [7, 12])
+def test_presets_and_windows_run_at_odd_sizes(tuning, window_size):
+    model = E3VASwin("nano", tuning=tuning, window_size=window_size)
+    out = model(torch.randn(2, 3, 97, 131))
+    assert out["p3"].shape == (2, 256, 4, 5)
+    out["p3"].sum().backward()
+
+
+def test_paper_parameter_counts_on_swin_b():
+    """Ranks 8/16/32 with a half-width bottleneck give the paper's 1.20 M / 2.35 M / 4.66 M on Swin-B."""
+    counts = {}
+    for tuning in E3VA_PRESETS + ["fixed", "full"]:
+        model = E3VASwin("B", tuning=tuning)
+        counts[tuning] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert round(counts["e3va"] / 1e6, 2) == 1.20
+    assert round(counts["e3va_plus"] / 1e6, 2) == 2.35
+    assert round(counts["e3va_plusplus"] / 1e6, 2) == 4.66
+    assert counts["fixed"] == 0
+    assert round(counts["full"] / 1e6, 2) == 86.75  # the paper's Swin-B "Full" row
+
+
+@pytest.mark.parametrize("tuning", E3VA_PRESETS)
+def test_highway_adds_exactly_zero_at_initialisation(tuning):
+    torch.manual_seed(0)
+    model = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0).eval()
+    plain = E3VASwin("nano", tuning="fixed", drop_path_rate=0.0).eval()
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith("highway.") for k in unexpected)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        a, b = model(x), plain(x)
+        reference = plain.trunk(x)  # Detectron2's own Swin forward
+    for name in a:
+        assert torch.equal(a[name], b[name])
+        torch.testing.assert_close(a[name], reference[name], rtol=0, atol=1e-5)
+
+
+def test_highway_changes_outputs_once_trained():
+    torch.manual_seed(0)
+    model = E3VASwin("nano", tuning="e3va", drop_path_rate=0.0).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)["p2"].clone()
+        for p in model.highway.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        after = model(x)["p2"]
+    assert (before - after).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("tuning", E3VA_PRESETS + ["fixed"])
+def test_gradients_reach_only_trainable_parameters(tuning):
+    model = E3VASwin("nano", tuning=tuning)
+    out = model(torch.randn(2, 3, 64, 64))
+    if tuning == "fixed":  # nothing in the backbone trains: its outputs carry no graph at all
+        assert not any(v.requires_grad for v in out.values())
+        return
+    sum(v.square().mean() for v in out.values()).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, f"frozen {name} received a gradient"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    norm_names = {f"trunk.norm{i}.{w}" for i in range(4) for w in ("weight", "bias")}
+    assert trainable - norm_names == {n for n, _ in model.highway.named_parameters(prefix="highway")}
+    assert norm_names <= trainable
+    # The adapters' last projections start at zero but still learn at the first step.
+    assert model.highway.beside_attn[0][0].up.u.grad.abs().sum() > 0
+
+
+def _trunk_outputs_during_training_step(model):
+    """Outputs of every trunk module during a training forward, except the highway's own use of the
+    inherited patch-merging layers (called a second time, on the highway's state, which has a graph)."""
+    seen = []
+
+    def hook(module, args, output):
+        if getattr(module, "_in_downsample", False) and args[0].requires_grad:
+            return
+        outs = output if isinstance(output, tuple) else (output,)
+        seen.extend(o for o in outs if torch.is_tensor(o))
+
+    for name, module in model.trunk.named_modules():
+        module._in_downsample = "downsample" in name
+    handles = [m.register_forward_hook(hook) for n, m in model.trunk.named_modules() if not n.startswith("norm")]
+    out = model(torch.randn(2, 3, 64, 64))
+    for h in handles:
+        h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("tuning", E3VA_PRESETS + ["fixed"])
+def test_frozen_trunk_runs_without_autograd(tuning):
+    model = E3VASwin("nano", tuning=tuning).train()
+    out, trunk_outputs = _trunk_outputs_during_training_step(model)
+    assert len(trunk_outputs) > 50
+    for t in trunk_outputs:
+        assert t.grad_fn is None and not t.requires_grad
+    if tuning != "fixed":
+        assert all(v.requires_grad for v in out.values())
+
+
+def test_full_finetuning_does_run_the_trunk_under_autograd():
+    model = E3VASwin("nano", tuning="full").train()
+    _, trunk_outputs = _trunk_outputs_during_training_step(model)
+    assert any(t.grad_fn is not None for t in trunk_outputs)
+
+
+def _bytes_saved_for_backward(model, x):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return total
+
+
+def test_autograd_keeps_far_less_for_e3va_than_for_full_finetuning():
+    x = torch.randn(2, 3, 128, 128)
+    saved = {t: _bytes_saved_for_backward(E3VASwin("nano", tuning=t).train(), x) for t in ("full", "fixed", "e3va")}
+    assert saved["fixed"] == 0
+    assert saved["e3va"] < 0.5 * saved["full"], saved
+
+
+def test_dual_low_rank_weight_is_the_sum_of_two_products():
+    layer = DualLowRankLinear(12, 6, rank=2)
+    u1, u2 = layer.u[0], layer.u[1]
+    v1, v2 = layer.v[0], layer.v[1]
+    torch.testing.assert_close(layer.weight(), u1 @ v1 + u2 @ v2)
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(layer(x), x @ (u1 @ v1 + u2 @ v2).T + layer.bias)
+    assert sum(p.numel() for p in layer.parameters()) == 2 * (12 * 2 + 2 * 6) + 6
+
+
+def test_adapter_overrides():
+    model = E3VASwin("nano", tuning="e3va", rank=3, bottleneck_ratio=0.25, activation="relu")
+    adapter = model.highway.beside_mlp[1][0]
+    assert adapter.down.rank == 3 and adapter.down.out_features == 16
+    assert isinstance(adapter.act, torch.nn.ReLU)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(tuning="no_such_method"), "no_such_method"),
+        (dict(rank=0), "0"),
+        (dict(rank=-2), "-2"),
+        (dict(activation="swish2"), "swish2"),
+        (dict(window_size=9), "9"),
+        (dict(out_features=("p5",)), "p5"),
+        (dict(tuning="fixed", rank=4), "fixed"),
+    ],
+)
+def test_bad_arguments_name_the_bad_value(kwargs, needle):
+    with pytest.raises(ValueError, match=needle) as info:
+        E3VASwin("nano", **kwargs)
+    if "tuning" in kwargs and kwargs["tuning"] not in TUNING_METHODS:
+        assert "e3va_plus" in str(info.value)  # lists the valid names
+
+
+def test_unknown_size_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="'XL'.*'B'"):
+        E3VASwin("XL")
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_non_rgb_image_is_refused_with_its_shape(channels):
+    model = E3VASwin("nano")
+    with pytest.raises(ValueError, match=f"\\(1, {channels}, 32, 32\\)"):
+        model(torch.randn(1, channels, 32, 32))
+
+
+def test_yacs_builder_through_detectron2_registry():
+    cfg = add_e3va_config(get_cfg())
+    cfg.MODEL.BACKBONE.NAME = "build_e3va_swin_fpn_backbone"
+    cfg.MODEL.FPN.IN_FEATURES = ["p0", "p1", "p2", "p3"]
+    cfg.MODEL.E3VA.SIZE = "nano"
+    cfg.MODEL.E3VA.TUNING = "e3va_plus"
+    backbone = build_backbone(cfg)
+    assert backbone.bottom_up.method.name == "e3va_plus"
+    out = backbone(torch.randn(1, 3, 64, 64))
+    assert set(out) == {"p2", "p3", "p4", "p5", "p6"}
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [0.0], [1.0]
+    with pytest.raises(ValueError, match="1 channels"):
+        build_backbone(cfg, ShapeSpec(channels=1))
