@@ -139,10 +139,16 @@ class E3VASwin(Backbone):
         spec = self.method.highway
         overrides = {k: v for k, v in dict(rank=rank, bottleneck_ratio=bottleneck_ratio,
                                            activation=activation).items() if v is not None}
+        if self.method.inject is not None:
+            if self.method.accepts_rank and set(overrides) == {"rank"}:
+                self.method.inject(self.trunk, rank=overrides.pop("rank"))
+            else:
+                self.method.inject(self.trunk)
         if overrides:
             if spec is None:
                 raise ValueError(
-                    f"Adapter overrides {overrides} given, but tuning={tuning!r} has no highway adapters."
+                    f"Adapter overrides {overrides} given, but tuning={tuning!r} has no highway adapters"
+                    + (" (it takes `rank` only)." if self.method.accepts_rank else ".")
                 )
             spec = AdapterSpec(**{**spec.__dict__, **overrides})
         self.highway: Optional[SwinHighway] = SwinHighway(stage_dims, depths, spec) if spec else None

@@ -13,7 +13,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
-__all__ = ["E3VACheckpointer", "is_swin_classification_state_dict", "swin_classification_to_trunk"]
+__all__ = ["E3VACheckpointer", "align_with_wrapped_layers", "is_swin_classification_state_dict", "swin_classification_to_trunk"]
 
 logger = logging.getLogger("e3va")
 
@@ -39,6 +39,18 @@ def swin_classification_to_trunk(
         else:
             converted[prefix + key] = value
     return converted, dropped
+
+
+def align_with_wrapped_layers(state_dict: Dict[str, torch.Tensor], model_keys) -> Dict[str, torch.Tensor]:
+    """Renames ``a.b.weight`` to ``a.b.base_layer.weight`` where the model wraps layer ``a.b`` (PEFT's
+    LoRA does), so one checkpoint loads into every tuning method."""
+    model_keys = set(model_keys)
+    aligned = {}
+    for key, value in state_dict.items():
+        module, _, leaf = key.rpartition(".")
+        wrapped = f"{module}.base_layer.{leaf}"
+        aligned[wrapped if key not in model_keys and wrapped in model_keys else key] = value
+    return aligned
 
 
 def _trunk_prefix(model: nn.Module) -> str:
@@ -67,3 +79,7 @@ class E3VACheckpointer(DetectionCheckpointer):
                 f"dropped {len(dropped)} keys with no detector counterpart (head, final norm, index buffers)."
             )
         return loaded
+
+    def _load_model(self, checkpoint: dict):
+        checkpoint["model"] = align_with_wrapped_layers(checkpoint["model"], self.model.state_dict().keys())
+        return super()._load_model(checkpoint)

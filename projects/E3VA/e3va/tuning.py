@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
+from . import trunk_tuners
+
 __all__ = ["AdapterSpec", "TuningMethod", "TUNING_METHODS", "get_tuning_method", "register_tuning_method"]
 
 
@@ -44,12 +46,16 @@ class TuningMethod:
         trunk_trainable: predicate on a trunk parameter's name (as in ``SwinTransformer.named_parameters``,
             without the output norms); the trunk runs under autograd only if it selects some parameter.
         train_out_norms: whether the norms between the backbone and the FPN train.
+        inject: adds the method's modules to the trunk in place (baselines that live inside it), called
+            as ``inject(trunk)``, or ``inject(trunk, rank=r)`` when ``accepts_rank`` and a rank is given.
     """
 
     name: str
     highway: Optional[AdapterSpec] = None
     trunk_trainable: Callable[[str], bool] = _no_trunk_parameter
     train_out_norms: bool = False
+    inject: Optional[Callable[..., None]] = None
+    accepts_rank: bool = False
 
 
 TUNING_METHODS: Dict[str, TuningMethod] = {}
@@ -70,8 +76,56 @@ def get_tuning_method(name: str) -> TuningMethod:
     return TUNING_METHODS[name]
 
 
+def _is_bias(name: str) -> bool:
+    # BitFit's "bias terms" include Swin's relative-position bias tables: with them, Swin-B has the
+    # paper's 0.20 M BitFit parameters.
+    return name.endswith(".bias") or name.endswith("relative_position_bias_table")
+
+
+def _is_layer_norm(name: str) -> bool:
+    return ".norm" in name or name.startswith("norm") or "patch_embed.norm" in name
+
+
+def _in_last_block(name: str) -> bool:
+    # Every Swin preset ends with a two-block stage; its last block is the paper's Partial-1
+    # (12.60 M parameters on Swin-B).
+    return name.startswith("layers.3.blocks.1.")
+
+
+def _named(*fragments: str) -> Callable[[str], bool]:
+    return lambda name: any(f in name for f in fragments)
+
+
 register_tuning_method(TuningMethod("full", trunk_trainable=_every_trunk_parameter, train_out_norms=True))
 register_tuning_method(TuningMethod("fixed"))
+register_tuning_method(TuningMethod("bitfit", trunk_trainable=_is_bias, train_out_norms=True))
+register_tuning_method(TuningMethod("norm", trunk_trainable=_is_layer_norm, train_out_norms=True))
+register_tuning_method(TuningMethod("partial1", trunk_trainable=_in_last_block, train_out_norms=True))
+register_tuning_method(
+    TuningMethod(
+        "adapter",
+        trunk_trainable=_named(".adapter."),
+        train_out_norms=True,
+        inject=trunk_tuners.insert_sequential_adapters,
+    )
+)
+register_tuning_method(
+    TuningMethod(
+        "lora",
+        trunk_trainable=_named("lora_"),
+        train_out_norms=True,
+        inject=trunk_tuners.insert_lora,
+        accepts_rank=True,
+    )
+)
+register_tuning_method(
+    TuningMethod(
+        "adaptformer",
+        trunk_trainable=_named(".adaptformer."),
+        train_out_norms=True,
+        inject=trunk_tuners.insert_parallel_mlp_adapters,
+    )
+)
 # Ranks 8/16/32 with a bottleneck of half the stage width reproduce the paper's trainable parameter
 # counts on Swin-B exactly (1.20 M / 2.35 M / 4.66 M, output norms included): see projects/E3VA/README.md.
 register_tuning_method(TuningMethod("e3va", highway=AdapterSpec(rank=8), train_out_norms=True))
