@@ -1,0 +1,236 @@
+"""Trainer hooks that report what E3VA is about: trainable parameters, peak memory and step time.
+
+Ordering: Detectron2 runs the hooks' ``after_step`` in the order they were registered, and
+``PeriodicWriter`` hands the storage's latest scalars to its writers (console, ``metrics.json``,
+TensorBoard) in its own ``after_step``. :class:`PeakMemoryHook` therefore has to be registered
+*before* the ``PeriodicWriter``; it puts its scalars on exactly the iterations the writer writes, so
+they land in the same console line, ``metrics.json`` record and TensorBoard step. It warns when it
+finds itself after a ``PeriodicWriter``. ``tools/lazyconfig_train_net.py`` registers it right after
+``LRScheduler``, before the checkpointer and ``EvalHook``, so that its step times and summary cover
+training only (no checkpoint saving, no evaluation).
+
+Detectron2's ``CommonMetricPrinter`` prints only losses, ``[metric]`` keys, times, the learning
+rate and CUDA ``max_mem``; :class:`MemoryMetricPrinter` (used by :func:`default_e3va_writers`) adds
+the peak-memory scalars to its console line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+from detectron2.engine.defaults import default_writers
+from detectron2.engine.hooks import HookBase, PeriodicWriter
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, EventWriter, get_event_storage
+from detectron2.utils.file_io import PathManager
+
+from .memory import DeviceLike, peak_memory_mb, reset_peak_memory
+from .params import count_parameters
+
+__all__ = [
+    "MEMORY_SCALARS",
+    "SUMMARY_FILENAME",
+    "MemoryMetricPrinter",
+    "PeakMemoryHook",
+    "default_e3va_writers",
+]
+
+logger = logging.getLogger("e3va")
+
+# The scalars PeakMemoryHook puts into the EventStorage: the first two on CUDA, the last elsewhere.
+MEMORY_SCALARS = ("peak_mem_alloc_mb", "peak_mem_reserved_mb", "peak_rss_mb")
+SUMMARY_FILENAME = "e3va_summary.json"
+_DEFAULT_PERIOD = 20  # Detectron2's default log period
+
+
+class PeakMemoryHook(HookBase):
+    """Puts peak memory into the EventStorage periodically; logs and saves a summary after training.
+
+    Every ``period`` iterations (and at the last one, as ``PeriodicWriter`` does) it puts
+    ``peak_mem_alloc_mb`` and ``peak_mem_reserved_mb`` on CUDA, ``peak_rss_mb`` on the CPU. The
+    values are peaks since training started (CUDA) or since the process started (CPU RSS, which
+    cannot be reset); they are put without smoothing, since a median of running peaks means nothing.
+
+    At ``after_train`` it logs (logger ``"e3va"``) trainable / total parameters, peak memory and the
+    mean wall time of an iteration, measured between its own ``before_step`` and ``after_step`` and
+    skipping ``warmup_iters`` first iterations; with ``output_dir`` it also writes that summary to
+    ``<output_dir>/e3va_summary.json`` (main process only). See the module docstring for ordering.
+    """
+
+    def __init__(
+        self,
+        period: Optional[int] = None,
+        output_dir: Optional[str] = None,
+        device: Optional[DeviceLike] = None,
+        warmup_iters: int = 3,
+    ) -> None:
+        """
+        Args:
+            period: iterations between readings; ``None`` takes the period of the trainer's
+                ``PeriodicWriter`` (the log period), or 20 without one.
+            output_dir: where to write ``e3va_summary.json``; ``None`` or ``""`` writes nothing.
+            device: the device to measure; ``None`` takes the device of the model's parameters.
+            warmup_iters: first iterations left out of the mean iteration time (allocator and
+                cuDNN warm-up), as Detectron2's ``IterationTimer`` does.
+        """
+        if period is not None and period <= 0:
+            raise ValueError(f"period must be positive, got {period}")
+        self._period = period
+        self._output_dir = output_dir or None
+        self._device = torch.device(device) if device is not None else None
+        self._warmup_iters = warmup_iters
+        self._steps = 0
+        self._timed_iters = 0
+        self._timed_seconds = 0.0
+        self._step_start: Optional[float] = None
+        self.last_summary: Optional[Dict[str, Any]] = None
+
+    @property
+    def period(self) -> Optional[int]:
+        """Iterations between readings (resolved at ``before_train`` when not given)."""
+        return self._period
+
+    # ---- trainer callbacks
+    def before_train(self) -> None:
+        if self._device is None:
+            self._device = self._model_device()
+        writers = self._periodic_writers()
+        if self._period is None:
+            # PeriodicWriter has no public accessor for its period.
+            self._period = writers[0]._period if writers else _DEFAULT_PERIOD
+        self._check_order(writers)
+        self._steps = self._timed_iters = 0
+        self._timed_seconds = 0.0
+        reset_peak_memory(self._device)
+
+    def before_step(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def after_step(self) -> None:
+        # Wall time without a CUDA sync of its own: SimpleTrainer reads the losses back with .item()
+        # every step, which waits for the queued kernels, so the mean is right in steady state.
+        if self._step_start is not None:
+            elapsed = time.perf_counter() - self._step_start
+            self._steps += 1
+            if self._steps > self._warmup_iters:
+                self._timed_iters += 1
+                self._timed_seconds += elapsed
+        next_iter = self.trainer.iter + 1
+        # The same condition as PeriodicWriter.after_step, so each reading is written as it is taken.
+        if next_iter % self._period == 0 or next_iter == self.trainer.max_iter:
+            self._put_scalars()
+
+    def after_train(self) -> None:
+        summary = self.summary()
+        self.last_summary = summary
+        logger.info("Training summary: " + self.format_summary(summary))
+        if self._output_dir and comm.is_main_process():
+            PathManager.mkdirs(self._output_dir)
+            path = os.path.join(self._output_dir, SUMMARY_FILENAME)
+            with PathManager.open(path, "w") as f:
+                json.dump(summary, f, indent=2)
+            logger.info(f"Training summary saved to {path}")
+
+    # ---- readings
+    def summary(self) -> Dict[str, Any]:
+        """Parameters, peak memory and mean iteration time of the run so far, JSON-serialisable."""
+        model = getattr(self.trainer, "model", None)
+        trainable, total = count_parameters(model) if model is not None else (0, 0)
+        device = self._device if self._device is not None else torch.device("cpu")
+        mean_time = self._timed_seconds / self._timed_iters if self._timed_iters else None
+        return {
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100.0 * trainable / total if total else 0.0,
+            "device": str(device),
+            **peak_memory_mb(device),
+            "mean_iter_time_s": mean_time,
+            "timed_iters": self._timed_iters,
+            "warmup_iters": self._warmup_iters,
+            "iterations": self._steps,
+        }
+
+    @staticmethod
+    def format_summary(summary: Dict[str, Any]) -> str:
+        """One line for the log."""
+        keys = (*MEMORY_SCALARS, "rss_mb")
+        memory = ", ".join(f"{k}={summary[k]:.1f}" for k in keys if k in summary)
+        if summary["mean_iter_time_s"] is None:
+            timing = f"too few iterations to time ({summary['iterations']}, warm-up {summary['warmup_iters']})"
+        else:
+            timing = (
+                f"{summary['mean_iter_time_s']:.4f} s/iter over {summary['timed_iters']} iterations "
+                f"(first {summary['warmup_iters']} skipped)"
+            )
+        return (
+            f"trainable params: {summary['trainable_params']:,d} || all params: {summary['total_params']:,d} "
+            f"|| trainable%: {summary['trainable_percent']:.4f} | memory (MB): {memory} | {timing}"
+        )
+
+    # ---- helpers
+    def _put_scalars(self) -> None:
+        readings = peak_memory_mb(self._device)
+        storage = self.trainer.storage
+        for key in MEMORY_SCALARS:
+            if key in readings:
+                storage.put_scalar(key, readings[key], smoothing_hint=False)
+
+    def _model_device(self) -> torch.device:
+        model = getattr(self.trainer, "model", None)
+        param = next(model.parameters(), None) if model is not None else None
+        return param.device if param is not None else torch.device("cpu")
+
+    def _periodic_writers(self) -> List[PeriodicWriter]:
+        return [h for h in getattr(self.trainer, "_hooks", []) if isinstance(h, PeriodicWriter)]
+
+    def _check_order(self, writers: List[PeriodicWriter]) -> None:
+        hooks = getattr(self.trainer, "_hooks", [])
+        # trainer._hooks holds the hooks themselves (the trainer only gets a weak proxy).
+        mine = next((i for i, h in enumerate(hooks) if h is self), None)
+        if mine is not None and any(hooks.index(w) < mine for w in writers):
+            logger.warning(
+                "PeakMemoryHook is registered after a PeriodicWriter: its readings reach the console, "
+                "metrics.json and TensorBoard one period late. Register it before the PeriodicWriter."
+            )
+
+
+class _SuffixAdapter(logging.LoggerAdapter):
+    """Appends a fixed text to every message."""
+
+    def __init__(self, logger: logging.Logger, suffix: str) -> None:
+        super().__init__(logger, {})
+        self._suffix = suffix
+
+    def process(self, msg: Any, kwargs: Any):
+        return f"{msg}{self._suffix}", kwargs
+
+
+class MemoryMetricPrinter(CommonMetricPrinter):
+    """Detectron2's ``CommonMetricPrinter`` with the peak-memory scalars at the end of its line."""
+
+    def write(self) -> None:
+        storage = get_event_storage()
+        histories = storage.histories()
+        extra = "  ".join(f"{k}: {histories[k].latest():.0f}M" for k in MEMORY_SCALARS if k in histories)
+        if not extra:
+            super().write()
+            return
+        # CommonMetricPrinter builds its line inside write(); wrapping its logger appends to that line
+        # without copying the method.
+        plain = self.logger
+        self.logger = _SuffixAdapter(plain, "  " + extra)
+        try:
+            super().write()
+        finally:
+            self.logger = plain
+
+
+def default_e3va_writers(output_dir: str, max_iter: Optional[int] = None) -> List[EventWriter]:
+    """Detectron2's ``default_writers`` (console, ``metrics.json``, TensorBoard), with the console
+    printer replaced by :class:`MemoryMetricPrinter`."""
+    writers = default_writers(output_dir, max_iter)
+    return [MemoryMetricPrinter(max_iter) if type(w) is CommonMetricPrinter else w for w in writers]
