@@ -214,3 +214,49 @@ def test_yacs_builder_through_detectron2_registry():
     cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [0.0], [1.0]
     with pytest.raises(ValueError, match="1 channels"):
         build_backbone(cfg, ShapeSpec(channels=1))
+
+
+def _outputs_and_grads(model, x):
+    out = model(x)
+    loss = sum((v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum() for v in out.values())
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in out.items()}, grads
+
+
+@pytest.mark.parametrize("saved_input_dtype, rtol", [("float32", 1e-4), ("bfloat16", 3e-2)])
+def test_fused_adapters_match_the_plain_graph(saved_input_dtype, rtol):
+    torch.manual_seed(0)
+    plain = E3VASwin("nano", tuning="e3va", drop_path_rate=0.0, fused_adapters=False).eval()
+    fused = E3VASwin("nano", tuning="e3va", drop_path_rate=0.0, saved_input_dtype=saved_input_dtype).eval()
+    with torch.no_grad():  # non-zero up-projections, so every gradient path is exercised
+        for p in plain.highway.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 72, 56)
+    out_p, grads_p = _outputs_and_grads(plain, x)
+    out_f, grads_f = _outputs_and_grads(fused, x)
+    for k in out_p:
+        torch.testing.assert_close(out_f[k], out_p[k], rtol=1e-4, atol=1e-5)
+    assert grads_p.keys() == grads_f.keys() and len(grads_p) > 40
+    for name in grads_p:
+        scale = grads_p[name].abs().max().clamp_min(1e-12)
+        assert (grads_f[name] - grads_p[name]).abs().max() <= rtol * scale, name
+
+
+def test_fused_adapters_keep_less_for_backward():
+    x = torch.randn(2, 3, 128, 128)
+    saved = {
+        (fused, dtype): _bytes_saved_for_backward(
+            E3VASwin("nano", tuning="e3va", fused_adapters=fused, saved_input_dtype=dtype).train(), x
+        )
+        for fused, dtype in [(False, "float32"), (True, "float32"), (True, "bfloat16")]
+    }
+    assert saved[(True, "float32")] < 0.7 * saved[(False, "float32")], saved
+    # Less than the adapters alone would suggest: the output norms and the patch merging keep fp32 inputs.
+    assert saved[(True, "bfloat16")] < 0.85 * saved[(True, "float32")], saved
+
+
+def test_unknown_saved_dtype_is_named():
+    with pytest.raises(ValueError, match="float8"):
+        E3VASwin("nano", saved_input_dtype="float8")

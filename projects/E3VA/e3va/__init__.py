@@ -8,9 +8,12 @@ from pathlib import Path
 from .adapters import DualLowRankLinear, HighwayAdapter
 from .backbone import E3VASwin, SwinHighway
 from .checkpoint import E3VACheckpointer
+from .data.shapes import register_shapes_datasets
 from .config import add_e3va_config, build_e3va_swin_backbone, build_e3va_swin_fpn_backbone
 from .swin import SWIN_PRESETS, SWIN_PRETRAINED_URLS, build_swin_trunk
 from .tuning import TUNING_METHODS, AdapterSpec, TuningMethod, get_tuning_method
+
+register_shapes_datasets()  # cheap: the images are generated on first use
 
 # The project's own small pretrained trunk (Swin "nano", made by tools/pretrain_nano_swin.py).
 NANO_SWIN_WEIGHTS = Path(__file__).parent / "weights" / "swin_nano_shapes_pretrained.pth"

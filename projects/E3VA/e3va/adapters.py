@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DualLowRankLinear", "HighwayAdapter", "ACTIVATIONS"]
+__all__ = ["DualLowRankLinear", "HighwayAdapter", "ACTIVATIONS", "SAVED_INPUT_DTYPES"]
+
+SAVED_INPUT_DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 ACTIVATIONS: Dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
@@ -57,6 +59,10 @@ class DualLowRankLinear(nn.Module):
         """The dense ``out x in`` weight ``U1 V1 + U2 V2``."""
         return torch.einsum("bor,bri->oi", self.u, self.v)
 
+    def factors(self) -> tuple:
+        """``(U, V)`` with ``W = U @ V``: the branches side by side, ``U = [U1 U2]``, ``V = [V1; V2]``."""
+        return self.u.permute(1, 0, 2).reshape(self.out_features, -1), self.v.reshape(-1, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(), self.bias)
 
@@ -64,15 +70,77 @@ class DualLowRankLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, branches={NUM_BRANCHES}"
 
 
+class _LowRankAdapterFunction(torch.autograd.Function):
+    """``up(act(down(x)))`` through the low-rank factors, keeping only ``x`` (compactly) for backward.
+
+    A plain autograd graph keeps, per adapter, the fp32 input, the bottleneck pre-activation and the
+    activation: about twice the input's size. Here ``x`` alone is saved, in ``saved_dtype``, and the
+    cheap rank-``2r`` products are recomputed in backward. ``x`` is a frozen-trunk activation: it needs
+    no gradient, so none is returned for it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, v_down, u_down, b_down, v_up, u_up, b_up, act, saved_dtype):
+        z = (x @ v_down.t()) @ u_down.t() + b_down
+        out = (act(z) @ v_up.t()) @ u_up.t() + b_up
+        ctx.act = act
+        ctx.compute_dtype = x.dtype
+        ctx.save_for_backward(x.to(saved_dtype), v_down, u_down, b_down, v_up, u_up)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, v_down, u_down, b_down, v_up, u_up = ctx.saved_tensors
+        x = x.to(ctx.compute_dtype).flatten(0, -2)
+        g = grad_out.flatten(0, -2)
+        t = x @ v_down.t()  # N x 2r
+        with torch.enable_grad():
+            z = (t @ u_down.t() + b_down).detach().requires_grad_()
+            a = ctx.act(z)
+        s = a.detach() @ v_up.t()  # N x 2r
+        g_s = g @ u_up  # N x 2r
+        g_a = g_s @ v_up  # N x k
+        (g_z,) = torch.autograd.grad(a, z, g_a)
+        g_t = g_z @ u_down  # N x 2r
+        return (
+            None,
+            g_t.t() @ x,  # v_down
+            g_z.t() @ t,  # u_down
+            g_z.sum(0),  # b_down
+            g_s.t() @ a.detach(),  # v_up
+            g.t() @ s,  # u_up
+            g.sum(0),  # b_up
+            None,
+            None,
+        )
+
+
 class HighwayAdapter(nn.Module):
     """``up(act(down(x)))`` with dual low-rank projections; its output starts at exactly zero.
 
     No skip connection inside: the adapter sits beside a trunk sub-layer, and the highway's running
-    sum plays the role of the skip connection.
+    sum plays the role of the skip connection. Reading a frozen activation (no gradient wanted for
+    ``x``), it runs through :class:`_LowRankAdapterFunction`, which saves only ``x``, as
+    ``saved_input_dtype`` ("bfloat16" halves it again); ``fused=False`` gives the plain graph.
     """
 
-    def __init__(self, dim: int, bottleneck: int, rank: int, activation: str = "gelu") -> None:
+    def __init__(
+        self,
+        dim: int,
+        bottleneck: int,
+        rank: int,
+        activation: str = "gelu",
+        *,
+        fused: bool = True,
+        saved_input_dtype: str = "bfloat16",
+    ) -> None:
         super().__init__()
+        if saved_input_dtype not in SAVED_INPUT_DTYPES:
+            raise ValueError(
+                f"Unknown saved_input_dtype {saved_input_dtype!r}; expected one of {sorted(SAVED_INPUT_DTYPES)}."
+            )
+        self.fused = fused
+        self.saved_dtype = SAVED_INPUT_DTYPES[saved_input_dtype]
         if bottleneck <= 0:
             raise ValueError(f"bottleneck width must be positive, got {bottleneck!r} for dim={dim}.")
         if activation not in ACTIVATIONS:
@@ -82,4 +150,10 @@ class HighwayAdapter(nn.Module):
         self.up = DualLowRankLinear(bottleneck, dim, rank, zero_init=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(x)))
+        if not self.fused or x.requires_grad:
+            return self.up(self.act(self.down(x)))
+        u_down, v_down = self.down.factors()
+        u_up, v_up = self.up.factors()
+        return _LowRankAdapterFunction.apply(
+            x, v_down, u_down, self.down.bias, v_up, u_up, self.up.bias, self.act, self.saved_dtype
+        )

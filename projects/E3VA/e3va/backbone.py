@@ -16,7 +16,7 @@ merging, ``d_next = PM(x_end + d_end) - PM(x_end)``. At initialisation every ada
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -33,69 +33,63 @@ __all__ = ["E3VASwin", "SwinHighway"]
 class SwinHighway(nn.Module):
     """The trainable E3VA highway: two parallel adapters per Swin block, grouped by stage."""
 
-    def __init__(self, stage_dims: Sequence[int], depths: Sequence[int], spec: AdapterSpec) -> None:
+    def __init__(
+        self,
+        stage_dims: Sequence[int],
+        depths: Sequence[int],
+        spec: AdapterSpec,
+        *,
+        fused: bool = True,
+        saved_input_dtype: str = "bfloat16",
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.beside_attn = nn.ModuleList()
         self.beside_mlp = nn.ModuleList()
         for dim, depth in zip(stage_dims, depths):
             bottleneck = max(1, int(round(dim * spec.bottleneck_ratio)))
-            make = lambda: HighwayAdapter(dim, bottleneck, spec.rank, spec.activation)  # noqa: E731
+            make = lambda: HighwayAdapter(  # noqa: E731
+                dim, bottleneck, spec.rank, spec.activation, fused=fused, saved_input_dtype=saved_input_dtype
+            )
             self.beside_attn.append(nn.ModuleList([make() for _ in range(depth)]))
             self.beside_mlp.append(nn.ModuleList([make() for _ in range(depth)]))
 
-    def stage_update(
-        self, stage: int, block_inputs: List[torch.Tensor], attn_outputs: List[torch.Tensor]
-    ) -> torch.Tensor:
-        """Sum of the stage's adapter outputs, given the activations the trunk's blocks produced.
 
-        Adapters are parallel (none reads another's output), so their order does not matter.
-        """
-        total = None
-        for adapter, x in zip(self.beside_attn[stage], block_inputs):
-            total = adapter(x) if total is None else total + adapter(x)
-        for adapter, h in zip(self.beside_mlp[stage], attn_outputs):
-            total = total + adapter(h)
-        return total
+class _HighwayTaps:
+    """Feeds the trunk's activations to the highway's adapters while the trunk runs.
 
-
-class _StageTaps:
-    """Records, during one trunk stage, each block's input and its post-attention residual ``h``.
-
-    ``h`` is the input of the block's ``norm2``: reading it through a pre-hook leaves the trunk's code
-    and parameters exactly as released.
+    A pre-hook on each block gives its input ``x_{j-1}`` to the adapter beside attention; a pre-hook on
+    the block's ``norm2`` gives ``h_j`` (the post-attention residual) to the adapter beside the MLP.
+    The trunk's code and parameters stay exactly as released. Each adapter runs at once (with autograd
+    on, inside the trunk's no-grad pass), so the fp32 activation can be freed as the trunk moves on
+    and only what the adapter saves for backward stays alive.
     """
 
-    def __init__(self) -> None:
-        self.block_inputs: List[torch.Tensor] = []
-        self.attn_outputs: List[torch.Tensor] = []
-        self.recording = False
+    def __init__(self, trunk: nn.Module, highway: SwinHighway) -> None:
+        self.total: Optional[torch.Tensor] = None
+        self.active = False
+        for stage, attn_adapters, mlp_adapters in zip(trunk.layers, highway.beside_attn, highway.beside_mlp):
+            for block, beside_attn, beside_mlp in zip(stage.blocks, attn_adapters, mlp_adapters):
+                block.register_forward_pre_hook(self._feed(beside_attn))
+                block.norm2.register_forward_pre_hook(self._feed(beside_mlp))
 
-    def attach(self, stage: nn.Module) -> None:
-        for block in stage.blocks:
-            block.register_forward_pre_hook(self._record(self.block_inputs))
-            block.norm2.register_forward_pre_hook(self._record(self.attn_outputs))
-
-    def _record(self, into: List[torch.Tensor]):
+    def _feed(self, adapter: nn.Module):
         def hook(module: nn.Module, args) -> None:
-            if self.recording:
-                into.append(args[0])
+            if self.active:
+                with torch.enable_grad():
+                    out = adapter(args[0])
+                    self.total = out if self.total is None else self.total + out
 
         return hook
 
     @contextlib.contextmanager
-    def record(self):
-        self.block_inputs.clear()
-        self.attn_outputs.clear()
-        self.recording = True
+    def collect(self):
+        """Sums, over what runs inside, the outputs of the adapters it reaches; read ``total`` after."""
+        self.total, self.active = None, True
         try:
             yield self
         finally:
-            self.recording = False
-
-    def release(self) -> None:
-        self.block_inputs.clear()
-        self.attn_outputs.clear()
+            self.active = False
 
 
 class E3VASwin(Backbone):
@@ -109,7 +103,11 @@ class E3VASwin(Backbone):
         window_size: 7 or 12, as the pretrained checkpoint.
         drop_path_rate: stochastic depth of the trunk.
         out_features: which of ``p0..p3`` to return.
-        rank, bottleneck_ratio, activation: override the method's adapter shape.
+        rank, bottleneck_ratio, activation: override the method's adapter shape (``rank`` also sets
+            LoRA's rank).
+        fused_adapters: run adapters through the memory-lean autograd function (same outputs and
+            gradients as the plain graph, see ``e3va.adapters``); False for the plain graph.
+        saved_input_dtype: how fused adapters store their input for backward: "bfloat16" or "float32".
     """
 
     def __init__(
@@ -123,6 +121,8 @@ class E3VASwin(Backbone):
         rank: Optional[int] = None,
         bottleneck_ratio: Optional[float] = None,
         activation: Optional[str] = None,
+        fused_adapters: bool = True,
+        saved_input_dtype: str = "bfloat16",
     ) -> None:
         super().__init__()
         self.method: TuningMethod = get_tuning_method(tuning)
@@ -151,14 +151,13 @@ class E3VASwin(Backbone):
                     + (" (it takes `rank` only)." if self.method.accepts_rank else ".")
                 )
             spec = AdapterSpec(**{**spec.__dict__, **overrides})
-        self.highway: Optional[SwinHighway] = SwinHighway(stage_dims, depths, spec) if spec else None
-
-        self._taps: List[_StageTaps] = []
-        if self.highway is not None:
-            for stage in self.trunk.layers:
-                taps = _StageTaps()
-                taps.attach(stage)
-                self._taps.append(taps)
+        self.highway: Optional[SwinHighway] = None
+        self._taps: Optional[_HighwayTaps] = None
+        if spec is not None:
+            self.highway = SwinHighway(
+                stage_dims, depths, spec, fused=fused_adapters, saved_input_dtype=saved_input_dtype
+            )
+            self._taps = _HighwayTaps(self.trunk, self.highway)
 
         self._freeze_trunk()
         self._out_feature_channels = {f"p{i}": stage_dims[i] for i in range(4)}
@@ -213,14 +212,13 @@ class E3VASwin(Backbone):
         outputs: Dict[str, torch.Tensor] = {}
         carried: Optional[torch.Tensor] = None  # the highway's state entering the stage
         for i, stage in enumerate(trunk.layers[: last + 1]):
-            taps = self._taps[i] if self.highway is not None else None
-            with trunk_grad, (taps.record() if taps else contextlib.nullcontext()):
+            collect = self._taps.collect() if self._taps else contextlib.nullcontext()
+            with trunk_grad, collect:
                 x_out, H, W, tokens, Wh, Ww = stage(tokens, Wh, Ww)
             y = x_out
-            if self.highway is not None:
-                update = self.highway.stage_update(i, taps.block_inputs, taps.attn_outputs)
-                taps.release()
-                delta = update if carried is None else carried + update
+            if self._taps is not None:
+                delta = self._taps.total if carried is None else carried + self._taps.total
+                self._taps.total = None
                 y = x_out + delta
                 if stage.downsample is not None and i < last:
                     # Frozen patch merging, with autograd for the highway's share of its input only.

@@ -1,0 +1,499 @@
+"""A deterministic synthetic "shapes" instance-segmentation dataset, in COCO format.
+
+Each image is a textured background (smooth noise, stripes and checkers, mixed differently per image)
+with a few filled, coloured geometric shapes that may overlap; later shapes occlude earlier ones and the
+instance masks are the *visible* parts. Everything is drawn with numpy/cv2 from a seed, so the same
+parameters always give byte-identical files.
+
+The datasets are registered through Detectron2's own COCO machinery (``load_coco_json``, metadata with
+``json_file`` / ``image_root`` / ``evaluator_type="coco"``), so training and evaluation run the real
+COCO code path. Registration is cheap: the files are generated the first time they are needed.
+
+Typical use in a LazyConfig::
+
+    from e3va.data.shapes import SHAPES_CLASSES, build_shapes_evaluator
+    dataloader.train.dataset = L(get_detection_dataset_dicts)(names="shapes_train")
+    dataloader.evaluator = L(build_shapes_evaluator)(dataset_name="shapes_val")
+
+Build the evaluator with :func:`build_shapes_evaluator` (not ``COCOEvaluator`` directly): the
+evaluator reads the json file when it is constructed, which may be before anything has loaded the
+dataset.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.coco import load_coco_json
+from detectron2.evaluation import COCOEvaluator
+from pycocotools import mask as mask_util
+
+try:  # POSIX only; elsewhere concurrent generators simply race (they write identical bytes).
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+__all__ = [
+    "SHAPES_CLASSES",
+    "SHAPES_SPLITS",
+    "DEFAULT_SHAPES_NAMES",
+    "build_shapes_evaluator",
+    "default_shapes_root",
+    "ensure_shapes_dataset",
+    "generate_shapes_dataset",
+    "register_shapes_datasets",
+    "render_shapes_image",
+]
+
+SHAPES_CLASSES: Tuple[str, ...] = ("circle", "square", "triangle", "star")
+SHAPES_SPLITS: Tuple[str, ...] = ("train", "val")
+DEFAULT_SHAPES_NAMES: Tuple[str, str] = ("shapes_train", "shapes_val")
+
+# Visualisation colours (RGB), one per class, for Detectron2's Visualizer.
+_THING_COLORS = [[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48]]
+
+# Bump when the drawing code changes: stored in the json, so old files get regenerated.
+_GENERATOR_VERSION = 1
+_SPLIT_IDS = {"train": 0, "val": 1}
+
+# Acceptance rules for a new (occluding) shape; see _accept().
+_MIN_VISIBLE_FRACTION = 0.4
+_MIN_FRAGMENT_FRACTION = 0.1
+_MIN_FRAGMENT_PIXELS = 12
+_MIN_COLOR_DISTANCE = 90.0
+_MAX_TRIES_PER_SHAPE = 30
+
+
+# --------------------------------------------------------------------------------------------------
+# Drawing
+# --------------------------------------------------------------------------------------------------
+def _background(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A float32 (n, n, 3) RGB texture: a random mixture of smooth noise, stripes and checkers."""
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
+    # Muted colours around one base colour, so that saturated shapes stand out against any texture.
+    base = rng.uniform(40, 215, size=3).astype(np.float32)
+    kinds = rng.choice(3, size=int(rng.integers(1, 3)), replace=False)
+    weights = rng.dirichlet(np.ones(len(kinds))).astype(np.float32)
+    out = np.zeros((n, n, 3), np.float32)
+    for kind, w in zip(kinds, weights):
+        c1 = base + rng.normal(0, 35, size=3).astype(np.float32)
+        c2 = base + rng.normal(0, 35, size=3).astype(np.float32)
+        if kind == 0:  # smooth noise: a coarse random grid, upsampled
+            k = int(rng.integers(3, 9))
+            grid = rng.uniform(0, 1, size=(k, k, 1)).astype(np.float32)
+            t = cv2.resize(grid, (n, n), interpolation=cv2.INTER_CUBIC)[..., None]
+        else:
+            angle = rng.uniform(0, np.pi)
+            u = xx * np.cos(angle) + yy * np.sin(angle)
+            if kind == 1:  # stripes, soft or hard
+                freq = rng.uniform(2, 12)
+                t = 0.5 + 0.5 * np.sin(2 * np.pi * freq * u + rng.uniform(0, 2 * np.pi))
+                if rng.random() < 0.5:
+                    t = (t > 0.5).astype(np.float32)
+            else:  # (rotated) checkerboard
+                v = -xx * np.sin(angle) + yy * np.cos(angle)
+                cells = rng.uniform(3, 12)
+                t = (np.floor(u * cells) + np.floor(v * cells)) % 2
+            t = t[..., None].astype(np.float32)
+        out += w * (c1 + t * (c2 - c1))
+    return out
+
+
+def _shape_mask(rng: np.random.Generator, n: int) -> Tuple[int, np.ndarray]:
+    """A random shape, fully inside the image: (0-based class index, uint8 (n, n) filled mask)."""
+    cls = int(rng.integers(len(SHAPES_CLASSES)))
+    # Object extents of about n/8 .. n/2 (16-64 px at 128 px), as the demo's anchors assume.
+    radius = rng.uniform(n / 16, n / 4)
+    cx, cy = rng.uniform(radius + 1, n - radius - 1, size=2)
+    theta = rng.uniform(0, 2 * np.pi)
+    mask = np.zeros((n, n), np.uint8)
+    shift = 4  # sub-pixel vertex precision for cv2
+    if SHAPES_CLASSES[cls] == "circle":
+        centre = (int(round(cx * (1 << shift))), int(round(cy * (1 << shift))))
+        cv2.circle(mask, centre, int(round(radius * (1 << shift))), 1, -1, cv2.LINE_8, shift)
+        return cls, mask
+    if SHAPES_CLASSES[cls] == "square":
+        angles = theta + np.pi / 4 + np.arange(4) * np.pi / 2
+        radii = np.full(4, radius)
+    elif SHAPES_CLASSES[cls] == "triangle":
+        angles = theta + np.arange(3) * 2 * np.pi / 3
+        radii = np.full(3, radius)
+    else:  # star: five points, alternating outer and inner radius
+        angles = theta + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, radius, radius * 0.45)
+    pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
+    cv2.fillPoly(mask, [np.round(pts * (1 << shift)).astype(np.int32)], 1, cv2.LINE_8, shift)
+    return cls, mask
+
+
+def _mask_to_polygons(mask: np.ndarray) -> Optional[List[List[float]]]:
+    """COCO polygons that rasterise (with pycocotools) to exactly ``mask``, or None if impossible.
+
+    Contours are traced on a 2x nearest-upsampled mask and mapped back to image coordinates: the
+    polygon then runs a quarter pixel inside the mask's pixel edges, so every mask pixel centre is
+    inside it and every other centre outside, which is pycocotools' rasterisation rule. COCO polygons
+    cannot express holes, hence the exactness check.
+    """
+    up = np.kron(mask, np.ones((2, 2), np.uint8))
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polys = [((c.reshape(-1, 2) + 0.5) / 2.0).ravel().tolist() for c in contours]
+    polys = [p for p in polys if len(p) >= 6]
+    if not polys:
+        return None
+    h, w = mask.shape
+    decoded = mask_util.decode(mask_util.merge(mask_util.frPyObjects(polys, h, w)))
+    return polys if np.array_equal(decoded, mask) else None
+
+
+def _accept(full: List[np.ndarray], visible: List[np.ndarray], cand: np.ndarray) -> Optional[List[Any]]:
+    """Whether ``cand``, drawn on top, leaves every earlier shape well visible and exactly annotatable.
+
+    Returns the earlier shapes' new (visible mask, polygons) pairs, or None to reject the candidate.
+    Rejecting the occluder, rather than dropping the annotation of a shape it hides too much, keeps
+    images free of visible but unannotated fragments (which would teach the model they are background).
+    """
+    updates: List[Any] = []
+    for f, v in zip(full, visible):
+        if not (v & cand).any():
+            updates.append(None)
+            continue
+        nv = v & (1 - cand)
+        area = int(f.sum())
+        if nv.sum() < _MIN_VISIBLE_FRACTION * area:
+            return None
+        num, _, stats, _ = cv2.connectedComponentsWithStats(nv, connectivity=8)
+        if stats[1:, cv2.CC_STAT_AREA].min() < max(_MIN_FRAGMENT_PIXELS, _MIN_FRAGMENT_FRACTION * area):
+            return None
+        polys = _mask_to_polygons(nv)
+        if polys is None:
+            return None
+        updates.append((nv, polys))
+    return updates
+
+
+def render_shapes_image(
+    rng: np.random.Generator, image_size: int = 128
+) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+    """Draws one image: (uint8 RGB (H, W, 3) array, list of instances).
+
+    Each instance is ``{"class": 0-based index into SHAPES_CLASSES, "mask": uint8 visible mask,
+    "polygons": COCO polygons rasterising exactly to the mask}``, in drawing order (later on top).
+    """
+    n = image_size
+    image = _background(rng, n)
+    target = int(rng.integers(2, 7))
+    full: List[np.ndarray] = []
+    visible: List[np.ndarray] = []
+    polygons: List[List[List[float]]] = []
+    classes: List[int] = []
+    colors: List[np.ndarray] = []
+    for _ in range(target):
+        for _ in range(_MAX_TRIES_PER_SHAPE):
+            cls, cand = _shape_mask(rng, n)
+            color = rng.uniform(0, 255, size=3).astype(np.float32)
+            # The shape must differ from the texture under it and from any shape it touches, or its
+            # outline would be invisible while the annotation still claims it.
+            under = image[cand.astype(bool)].mean(axis=0)
+            if np.linalg.norm(color - under) < _MIN_COLOR_DISTANCE:
+                continue
+            touched = [c for c, v in zip(colors, visible) if (v & cand).any()]
+            if any(np.linalg.norm(color - c) < _MIN_COLOR_DISTANCE for c in touched):
+                continue
+            updates = _accept(full, visible, cand)
+            if updates is None:
+                continue
+            own = _mask_to_polygons(cand)
+            if own is None:
+                continue
+            for k, u in enumerate(updates):
+                if u is not None:
+                    visible[k], polygons[k] = u
+            # Mild shading and noise, so shapes are not flat colour (a too-easy cue).
+            gx, gy = rng.normal(0, 25, size=2)
+            yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n - 0.5
+            shade = color + (gx * xx + gy * yy)[..., None]
+            image = np.where(cand.astype(bool)[..., None], shade, image)
+            full.append(cand)
+            visible.append(cand.copy())
+            polygons.append(own)
+            classes.append(cls)
+            colors.append(color)
+            break
+    image = image + rng.normal(0, 5, size=image.shape)
+    image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    instances = [{"class": c, "mask": v, "polygons": p} for c, v, p in zip(classes, visible, polygons)]
+    return image, instances
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+def _check_split(split: str) -> None:
+    if split not in SHAPES_SPLITS:
+        raise ValueError(f"Unknown shapes split {split!r}; expected one of {list(SHAPES_SPLITS)}.")
+
+
+def _atomic_write(path: Path, data: bytes, fsync: bool = False) -> None:
+    # A temp file in the same directory, then rename: readers never see a partial file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    # Several processes (DDP ranks, a loader and an evaluator) may ask for the same split at once.
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _generation_params(split: str, num_images: int, image_size: int, seed: int) -> Dict[str, Any]:
+    return {
+        "generator": "e3va.data.shapes",
+        "version": _GENERATOR_VERSION,
+        "split": split,
+        "num_images": num_images,
+        "image_size": image_size,
+        "seed": seed,
+    }
+
+
+def _is_up_to_date(json_path: Path, image_dir: Path, params: Dict[str, Any]) -> bool:
+    try:
+        with open(json_path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if data.get("info", {}).get("parameters") != params:
+        return False
+    # The json is written last, but images may have been deleted since.
+    return all((image_dir / im["file_name"]).is_file() for im in data.get("images", []))
+
+
+def generate_shapes_dataset(
+    root: Union[str, Path], split: str, num_images: int, image_size: int = 128, seed: int = 0
+) -> Path:
+    """Writes ``root/<split>/*.png`` and ``root/<split>.json`` (COCO format) and returns the json path.
+
+    Does nothing if the json already exists with the same parameters (kept in its ``info`` field).
+    Image ``i`` depends only on ``(seed, split, i, image_size)``, so the same arguments give
+    byte-identical files. Annotations use polygons (exact for the visible masks), 1-based category ids.
+    """
+    _check_split(split)
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be a positive int, got {num_images!r}.")
+    if not isinstance(image_size, int) or image_size < 32:
+        raise ValueError(f"image_size must be an int >= 32 (pixels), got {image_size!r}.")
+    root = Path(root).expanduser()
+    json_path = root / f"{split}.json"
+    image_dir = root / split
+    params = _generation_params(split, num_images, image_size, seed)
+    if _is_up_to_date(json_path, image_dir, params):
+        return json_path
+
+    image_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(root / f".{split}.lock"):
+        if _is_up_to_date(json_path, image_dir, params):  # another process just made it
+            return json_path
+        # Remove the old json first: an interrupted run must not leave it next to half-new images.
+        with contextlib.suppress(FileNotFoundError):
+            json_path.unlink()
+        for stale in image_dir.glob("*.png"):
+            stale.unlink()
+
+        images, annotations = [], []
+        for i in range(num_images):
+            rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], i]))
+            image, instances = render_shapes_image(rng, image_size)
+            file_name = f"{i:06d}.png"
+            ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            if not ok:  # pragma: no cover
+                raise RuntimeError(f"cv2 could not encode image {file_name}")
+            _atomic_write(image_dir / file_name, png.tobytes())
+            images.append({"id": i + 1, "file_name": file_name, "height": image_size, "width": image_size})
+            for inst in instances:
+                rle = mask_util.encode(np.asfortranarray(inst["mask"]))
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": i + 1,
+                        "category_id": inst["class"] + 1,
+                        "segmentation": inst["polygons"],
+                        "area": float(mask_util.area(rle)),
+                        "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                        "iscrowd": 0,
+                    }
+                )
+        data = {
+            "info": {"description": "E3VA synthetic shapes", "parameters": params},
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": [
+                {"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(SHAPES_CLASSES)
+            ],
+        }
+        _atomic_write(json_path, json.dumps(data).encode(), fsync=True)
+    return json_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Detectron2 registration
+# --------------------------------------------------------------------------------------------------
+def default_shapes_root() -> Path:
+    """``$E3VA_DATASETS`` if set, else ``$DETECTRON2_DATASETS/shapes`` if set, else ``~/.cache/e3va/shapes``."""
+    if os.environ.get("E3VA_DATASETS"):
+        return Path(os.environ["E3VA_DATASETS"]).expanduser()
+    if os.environ.get("DETECTRON2_DATASETS"):
+        return Path(os.environ["DETECTRON2_DATASETS"]).expanduser() / "shapes"
+    return Path("~/.cache/e3va/shapes").expanduser()
+
+
+@dataclass(frozen=True)
+class _SplitSpec:
+    root: Path
+    split: str
+    num_images: int
+    image_size: int
+    seed: int
+
+    @property
+    def json_file(self) -> Path:
+        return self.root / f"{self.split}.json"
+
+    @property
+    def image_root(self) -> Path:
+        return self.root / self.split
+
+
+class _LazyShapesLoader:
+    """The DatasetCatalog function: generates the split if needed, then Detectron2's load_coco_json."""
+
+    is_e3va_shapes = True  # marks our registrations, so re-registering is safe even after a reload
+
+    def __init__(self, name: str, spec: _SplitSpec):
+        self.name = name
+        self.spec = spec
+
+    def __call__(self) -> List[Dict[str, Any]]:
+        json_file = _ensure(self.spec)
+        return load_coco_json(str(json_file), str(self.spec.image_root), self.name)
+
+
+def _ensure(spec: _SplitSpec) -> Path:
+    return generate_shapes_dataset(spec.root, spec.split, spec.num_images, spec.image_size, spec.seed)
+
+
+def _registered_spec(name: str) -> Optional[_SplitSpec]:
+    func = DatasetCatalog[name] if name in DatasetCatalog else None
+    return func.spec if getattr(func, "is_e3va_shapes", False) else None
+
+
+def _registered_shapes_names() -> List[str]:
+    return [n for n in DatasetCatalog.list() if _registered_spec(n) is not None]
+
+
+def register_shapes_datasets(
+    root: Union[str, Path, None] = None,
+    num_train: int = 400,
+    num_val: int = 50,
+    image_size: int = 128,
+    seed: int = 0,
+    names: Sequence[str] = DEFAULT_SHAPES_NAMES,
+) -> Tuple[str, str]:
+    """Registers the train and val splits as COCO datasets ``names`` (default shapes_train/shapes_val).
+
+    Same catalog entries as ``register_coco_instances`` (``load_coco_json`` loader; metadata
+    ``json_file``, ``image_root``, ``evaluator_type="coco"``, ``thing_classes``), except that the
+    files are generated on first use. Cheap, and idempotent: registering the same names again replaces
+    the previous shapes registration (or keeps it, if identical). ``root`` defaults to
+    :func:`default_shapes_root`. Returns the two names.
+    """
+    if isinstance(names, str) or len(names) != 2 or len(set(names)) != 2:
+        raise ValueError(f"names must be two distinct dataset names (train, val), got {names!r}.")
+    for label, value in (("num_train", num_train), ("num_val", num_val)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive int, got {value!r}.")
+    if not isinstance(image_size, int) or image_size < 32:
+        raise ValueError(f"image_size must be an int >= 32 (pixels), got {image_size!r}.")
+    root = Path(root).expanduser() if root is not None else default_shapes_root()
+
+    for name, split, num in zip(names, SHAPES_SPLITS, (num_train, num_val)):
+        spec = _SplitSpec(root, split, num, image_size, seed)
+        if name in DatasetCatalog:
+            old = _registered_spec(name)
+            if old is None:
+                raise ValueError(
+                    f"Dataset name {name!r} is already registered by something other than the shapes "
+                    f"dataset; pass different names=(train_name, val_name)."
+                )
+            if old == spec:
+                continue
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        DatasetCatalog.register(name, _LazyShapesLoader(name, spec))
+        MetadataCatalog.get(name).set(
+            json_file=str(spec.json_file),
+            image_root=str(spec.image_root),
+            evaluator_type="coco",
+            thing_classes=list(SHAPES_CLASSES),
+            # What load_coco_json would set; set now so an evaluator works before the dataset loads.
+            thing_dataset_id_to_contiguous_id={k + 1: k for k in range(len(SHAPES_CLASSES))},
+            thing_colors=[list(c) for c in _THING_COLORS],
+        )
+    return tuple(names)  # type: ignore[return-value]
+
+
+def ensure_shapes_dataset(dataset_name: str = "shapes_val") -> Path:
+    """Generates a registered shapes dataset's files if needed; returns its COCO json path.
+
+    ``dataset_name`` is a name registered by :func:`register_shapes_datasets`, or a bare split
+    (``"train"``/``"val"``) meaning the default-named ``shapes_<split>``.
+    """
+    spec = _registered_spec(dataset_name)
+    if spec is None and dataset_name in SHAPES_SPLITS:
+        spec = _registered_spec(f"shapes_{dataset_name}")
+    if spec is None:
+        raise ValueError(
+            f"{dataset_name!r} is not a registered shapes dataset; registered: "
+            f"{_registered_shapes_names()} (or a split: {list(SHAPES_SPLITS)}). "
+            "Call e3va.data.shapes.register_shapes_datasets() first."
+        )
+    return _ensure(spec)
+
+
+def build_shapes_evaluator(
+    dataset_name: str = "shapes_val", output_dir: Optional[str] = None, **kwargs: Any
+) -> COCOEvaluator:
+    """Ensures the dataset's json exists, then returns ``COCOEvaluator(dataset_name, output_dir=...)``.
+
+    Use this in configs instead of ``COCOEvaluator`` directly: COCOEvaluator reads the json file in
+    its constructor, possibly before the (lazily generated) dataset has been loaded. ``kwargs`` go to
+    COCOEvaluator.
+    """
+    ensure_shapes_dataset(dataset_name)
+    return COCOEvaluator(dataset_name, output_dir=output_dir, **kwargs)
