@@ -2,7 +2,6 @@
 with a toy model and toy data (no dataset, no detector)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
@@ -26,19 +25,9 @@ from e3va.engine.hooks import SUMMARY_FILENAME, PeakMemoryHook
 from e3va.engine.memory import current_rss_mb, peak_memory_mb, peak_rss_mb, reset_peak_memory
 from e3va.engine.params import count_parameters, print_trainable_parameters, trainable_parameter_names
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_tool():
-    path = REPO / "tools" / "lazyconfig_train_net.py"
-    spec = importlib.util.spec_from_file_location("lazyconfig_train_net", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+from e3va.engine import training as tool
 
 
 # ---- toys

@@ -1,0 +1,215 @@
+"""Training and evaluation through Detectron2's engine, for LazyConfig files.
+
+Detectron2's own ``tools/lazyconfig_train_net.py`` logic, plus what parameter-efficient tuning needs: the
+optimizer gets the trainable parameters only (and says how many there are), peak memory is written
+with the other metrics, a summary goes to ``<train.output_dir>/e3va_summary.json``, pretrained Swin
+classification weights load through ``E3VACheckpointer``, and the CPU works (``train.device=cpu``).
+``tools/lazyconfig_train_net.py`` is the command line; ``tools/demo.py`` calls these functions.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    default_argument_parser,
+    default_setup,
+    hooks,
+    launch,
+)
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from omegaconf import DictConfig
+from torch import nn
+
+from ..checkpoint import E3VACheckpointer
+from .hooks import PeakMemoryHook, default_e3va_writers
+from .params import print_trainable_parameters
+
+logger = logging.getLogger("e3va")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`do_train` leaves behind."""
+
+    model: nn.Module  # the trained model, unwrapped from DistributedDataParallel
+    trainer: TrainerBase
+    eval_results: Dict[str, Any] = field(default_factory=dict)  # the last evaluation's, if any ran
+    summary: Optional[Dict[str, Any]] = None  # PeakMemoryHook's summary (e3va_summary.json)
+
+
+def build_checkpointer(model: nn.Module, save_dir: str = "", **checkpointables: Any) -> E3VACheckpointer:
+    """Detectron2's checkpointer that also reads official Swin classification weights."""
+    return E3VACheckpointer(model, save_dir, **checkpointables)
+
+
+def resolve_device(cfg: DictConfig) -> torch.device:
+    """``train.device``, checked: a CUDA config on a machine without CUDA is an error, not a silent
+    switch to the CPU (add ``train.device=cpu`` to run it there)."""
+    device = torch.device(cfg.train.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"train.device={cfg.train.device!r}, but CUDA is not available. To run this config on the "
+            "CPU (slowly), add the override train.device=cpu."
+        )
+    return device
+
+
+def use_amp(cfg: DictConfig, device: torch.device) -> bool:
+    """``train.amp.enabled``, except on the CPU: Detectron2's AMPTrainer requires CUDA, so a CUDA
+    config moved to the CPU with ``train.device=cpu`` trains in fp32, with a warning."""
+    if not cfg.train.amp.enabled:
+        return False
+    if device.type != "cuda":
+        logger.warning(
+            f"train.amp.enabled=True needs CUDA; training on {device} in full precision (fp32) instead."
+        )
+        return False
+    return True
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Instantiates ``cfg.optimizer`` over the model's trainable parameters only.
+
+    Detectron2's ``get_default_optimizer_params`` already skips ``requires_grad=False`` parameters;
+    any frozen parameter that another ``params`` builder lets through is dropped here with a warning,
+    because optimizers with weight decay or momentum would still change it.
+    """
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+
+    dropped = 0
+    groups = []
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        dropped += len(group["params"]) - len(params)
+        if params:
+            groups.append({**group, "params": params})
+    if dropped:
+        logger.warning(f"Dropped {dropped} frozen parameter tensors from the optimizer.")
+        # Optimizer state is created lazily at the first step, so replacing the groups now is safe.
+        optimizer.param_groups = groups
+    assert all(p.requires_grad for g in optimizer.param_groups for p in g["params"])
+
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+    if missing:
+        logger.warning(f"{len(missing)} trainable parameters are not in the optimizer, e.g. {missing[:5]}")
+    num = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    logger.info(
+        f"Optimizer {type(optimizer).__name__}: {num:,d} parameters in {len(in_optimizer)} tensors, "
+        f"{len(optimizer.param_groups)} groups"
+    )
+    return optimizer
+
+
+def do_test(cfg: DictConfig, model: nn.Module) -> Dict[str, Any]:
+    """Evaluates ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``; ``{}``
+    when the config has no evaluator."""
+    if "evaluator" not in cfg.dataloader:
+        logger.info("No cfg.dataloader.evaluator: skipping evaluation.")
+        return {}
+    ret = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(ret)
+    return ret
+
+
+def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
+    """Trains ``cfg.model`` as Detectron2's LazyConfig tool does.
+
+    Args:
+        args: needs ``resume`` (bool): continue from the last checkpoint in ``train.output_dir``.
+        cfg: ``model``, ``dataloader.train`` (and optionally ``dataloader.test`` / ``.evaluator``),
+            ``optimizer`` (whose ``params`` gets ``model``), ``lr_multiplier`` and ``train`` as in
+            Detectron2's ``common/train.py``: output_dir, init_checkpoint, max_iter, amp.enabled,
+            ddp, checkpointer, eval_period, log_period, device.
+    """
+    device = resolve_device(cfg)
+    model = instantiate(cfg.model)
+    logging.getLogger("detectron2").info(f"Model:\n{model}")
+    model.to(device)
+    print_trainable_parameters(model, logger)
+
+    optimizer = build_optimizer(cfg, model)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if use_amp(cfg, device) else SimpleTrainer)(model, train_loader, optimizer)
+    checkpointer = build_checkpointer(model, cfg.train.output_dir, trainer=trainer)
+
+    result = TrainResult(model=getattr(model, "module", model), trainer=trainer)
+
+    def evaluate() -> Dict[str, Any]:
+        result.eval_results = do_test(cfg, model)
+        return result.eval_results
+
+    main_process = comm.is_main_process()
+    memory_hook = PeakMemoryHook(
+        period=cfg.train.log_period, output_dir=cfg.train.output_dir if main_process else None
+    )
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            # Before the checkpointer and EvalHook, so its step times leave out saving and evaluating;
+            # before the PeriodicWriter, so its scalars are written in the same record (see hooks.py).
+            memory_hook,
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
+            hooks.EvalHook(cfg.train.eval_period, evaluate),
+            hooks.PeriodicWriter(
+                default_e3va_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if main_process
+            else None,
+        ]
+    )
+
+    # Without --resume (or without a checkpoint to resume), this loads train.init_checkpoint, e.g.
+    # pretrained Swin weights; with it, the last checkpoint of train.output_dir, optimizer included.
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    if args.resume and checkpointer.has_checkpoint():
+        # The checkpoint stores the iteration that just finished, so we start at the next one.
+        start_iter = trainer.iter + 1
+    else:
+        start_iter = 0
+    trainer.train(start_iter, cfg.train.max_iter)
+    result.summary = memory_hook.last_summary
+    return result
+
+
+def setup(args: argparse.Namespace) -> DictConfig:
+    """Loads ``args.config_file`` with ``args.opts`` applied; sets up logging and the output dir."""
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    default_setup(cfg, args)
+    # default_setup configures the "detectron2" and "fvcore" loggers only.
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="e3va", abbrev_name="e3va")
+    return cfg
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    """Trains (or with ``--eval-only`` evaluates) and returns the last evaluation's results."""
+    cfg = setup(args)
+    if args.eval_only:
+        device = resolve_device(cfg)
+        model = instantiate(cfg.model)
+        model.to(device)
+        model = create_ddp_model(model)
+        if not cfg.train.init_checkpoint:
+            logger.warning("--eval-only without train.init_checkpoint: evaluating untrained weights.")
+        build_checkpointer(model).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    return do_train(args, cfg).eval_results
