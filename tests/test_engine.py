@@ -235,23 +235,6 @@ def test_cuda_config_without_cuda_asks_for_train_device_cpu():
     assert tool.use_amp(cfg, torch.device("cpu")) is False
 
 
-@pytest.fixture
-def restore_loggers():
-    """main() runs Detectron2's setup_logger, which adds handlers and turns propagation off; undo it
-    so that later tests (caplog included) see the loggers as they were."""
-    names = ("detectron2", "fvcore", "e3va")
-    loggers = {n: logging.getLogger(n) for n in names}
-    saved = {n: (list(log.handlers), log.propagate, log.level) for n, log in loggers.items()}
-    yield
-    for name, (handlers, propagate, level) in saved.items():
-        log = logging.getLogger(name)
-        for h in log.handlers:
-            if h not in handlers:
-                h.close()
-        log.handlers[:] = handlers
-        log.propagate, log.level = propagate, level
-
-
 def test_main_trains_then_evaluates_from_a_config_file(tmp_path, restore_loggers):
     out = tmp_path / "out"
     config = tmp_path / "toy_config.py"
