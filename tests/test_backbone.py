@@ -260,3 +260,26 @@ def test_fused_adapters_keep_less_for_backward():
 def test_unknown_saved_dtype_is_named():
     with pytest.raises(ValueError, match="float8"):
         E3VASwin("nano", saved_input_dtype="float8")
+
+
+def test_bfloat16_trunk_stays_close_to_fp32_and_keeps_the_highway_in_fp32():
+    torch.manual_seed(0)
+    fp32 = E3VASwin("nano", tuning="e3va", drop_path_rate=0.0).eval()
+    bf16 = E3VASwin("nano", tuning="e3va", drop_path_rate=0.0, trunk_dtype="bfloat16").eval()
+    bf16.load_state_dict(fp32.state_dict())
+    x = torch.randn(1, 3, 96, 96)
+    a, b = fp32(x), bf16(x)
+    for name in a:
+        assert b[name].dtype == torch.float32
+        assert (a[name] - b[name]).abs().max() < 0.15, name  # LayerNorm-scaled outputs, bf16 trunk
+    sum(v.sum() for v in b.values()).backward()
+    assert all(p.grad.dtype == torch.float32 for p in bf16.highway.parameters())
+
+
+def test_low_precision_trunk_errors_name_the_problem():
+    with pytest.raises(ValueError, match="needs CUDA"):
+        E3VASwin("nano", trunk_dtype="float16")(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="'full'"):
+        E3VASwin("nano", tuning="full", trunk_dtype="bfloat16")(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="int8"):
+        E3VASwin("nano", trunk_dtype="int8")

@@ -27,7 +27,9 @@ from .adapters import HighwayAdapter
 from .swin import build_swin_trunk
 from .tuning import AdapterSpec, TuningMethod, get_tuning_method
 
-__all__ = ["E3VASwin", "SwinHighway"]
+__all__ = ["E3VASwin", "SwinHighway", "TRUNK_DTYPES"]
+
+TRUNK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SwinHighway(nn.Module):
@@ -76,8 +78,9 @@ class _HighwayTaps:
     def _feed(self, adapter: nn.Module):
         def hook(module: nn.Module, args) -> None:
             if self.active:
-                with torch.enable_grad():
-                    out = adapter(args[0])
+                # The highway stays in fp32 with autograd even when the trunk runs in low precision.
+                with torch.enable_grad(), torch.autocast(args[0].device.type, enabled=False):
+                    out = adapter(args[0].float())
                     self.total = out if self.total is None else self.total + out
 
         return hook
@@ -108,6 +111,8 @@ class E3VASwin(Backbone):
         fused_adapters: run adapters through the memory-lean autograd function (same outputs and
             gradients as the plain graph, see ``e3va.adapters``); False for the plain graph.
         saved_input_dtype: how fused adapters store their input for backward: "bfloat16" or "float32".
+        trunk_dtype: "bfloat16" (or "float16", CUDA only) runs a frozen trunk under autocast; it needs no
+            fp32 autograd. The highway, the output norms and the patch merging it crosses stay fp32.
     """
 
     def __init__(
@@ -123,8 +128,12 @@ class E3VASwin(Backbone):
         activation: Optional[str] = None,
         fused_adapters: bool = True,
         saved_input_dtype: str = "bfloat16",
+        trunk_dtype: str = "float32",
     ) -> None:
         super().__init__()
+        if trunk_dtype not in TRUNK_DTYPES:
+            raise ValueError(f"Unknown trunk_dtype {trunk_dtype!r}; expected one of {sorted(TRUNK_DTYPES)}.")
+        self.trunk_dtype = TRUNK_DTYPES[trunk_dtype]
         self.method: TuningMethod = get_tuning_method(tuning)
         valid = ("p0", "p1", "p2", "p3")
         bad = [f for f in out_features if f not in valid]
@@ -193,6 +202,16 @@ class E3VASwin(Backbone):
         }
 
     # ------------------------------------------------------------------ forward
+    def _autocast(self, x: torch.Tensor):
+        if self.trunk_needs_autograd:
+            raise ValueError(
+                f"trunk_dtype={self.trunk_dtype} is for a frozen trunk, but tuning={self.method.name!r} "
+                "trains trunk parameters; use Detectron2's AMP (train.amp.enabled=True) instead."
+            )
+        if self.trunk_dtype is torch.float16 and x.device.type != "cuda":
+            raise ValueError(f"trunk_dtype=float16 needs CUDA, but the input is on {x.device}; use bfloat16.")
+        return torch.autocast(x.device.type, dtype=self.trunk_dtype)
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(
@@ -202,7 +221,8 @@ class E3VASwin(Backbone):
         trunk = self.trunk
         # No autograd in the trunk when nothing in it trains: none of its activations is kept.
         trunk_grad = torch.enable_grad() if self.trunk_needs_autograd else torch.no_grad()
-        with trunk_grad:
+        trunk_ctx = lambda: contextlib.ExitStack() if self.trunk_dtype is torch.float32 else self._autocast(x)  # noqa: E731
+        with trunk_grad, trunk_ctx():
             tokens = trunk.patch_embed(x)
             Wh, Ww = tokens.shape[2], tokens.shape[3]
             tokens = trunk.pos_drop(tokens.flatten(2).transpose(1, 2))
@@ -213,9 +233,9 @@ class E3VASwin(Backbone):
         carried: Optional[torch.Tensor] = None  # the highway's state entering the stage
         for i, stage in enumerate(trunk.layers[: last + 1]):
             collect = self._taps.collect() if self._taps else contextlib.nullcontext()
-            with trunk_grad, collect:
+            with trunk_grad, trunk_ctx(), collect:
                 x_out, H, W, tokens, Wh, Ww = stage(tokens, Wh, Ww)
-            y = x_out
+            y = x_out = x_out.float()
             if self._taps is not None:
                 delta = self._taps.total if carried is None else carried + self._taps.total
                 self._taps.total = None
