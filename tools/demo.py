@@ -22,6 +22,7 @@ from detectron2.engine import default_argument_parser
 
 import e3va
 from e3va.data.shapes import ensure_shapes_dataset
+from e3va.engine.params import count_parameters
 from e3va.engine.training import do_test, do_train, setup
 from e3va.visualize import draw_ground_truth, draw_instance_predictions, metadata_of, save_side_by_side
 
@@ -85,6 +86,7 @@ def main() -> None:
     summary = {
         "tuning": args.tuning,
         "iterations": cfg.train.max_iter,
+        "backbone_trainable_params": count_parameters(result.model.backbone.bottom_up)[0],
         "bbox_AP": result.eval_results.get("bbox", {}).get("AP"),
         "segm_AP": result.eval_results.get("segm", {}).get("AP"),
         **(result.summary or {}),
@@ -94,9 +96,13 @@ def main() -> None:
     print("\n==== E3VA demo: done ====")
     print(f"tuning method     : {args.tuning}")
     print(f"COCO AP (val)     : box {summary['bbox_AP']:.1f}, mask {summary['segm_AP']:.1f}")
-    for key in ("trainable_params", "total_params", "peak_rss_mb", "peak_mem_alloc_mb", "mean_iter_time_s"):
+    print(f"trainable params  : {summary['backbone_trainable_params']:,d} in the backbone, "
+          f"{summary['trainable_params']:,d} in all, of {summary['total_params']:,d}")
+    for key in ("peak_rss_mb", "peak_mem_alloc_mb", "peak_mem_reserved_mb"):
         if key in summary:
-            print(f"{key:<18}: {summary[key]}")
+            print(f"{key:<18}: {summary[key]:.0f} MB")
+    if summary.get("mean_iter_time_s") is not None:
+        print(f"mean iteration    : {summary['mean_iter_time_s']:.3f} s")
     print(f"wall time         : {summary['wall_time_s']} s")
     print(f"outputs           : {output_dir}")
     print(f"  metrics         : {output_dir / 'metrics.json'} (TensorBoard: tensorboard --logdir {output_dir})")
