@@ -6,7 +6,8 @@ from typing import Dict, List
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.structures import BitMasks, Boxes, Instances
+
+from e3va.benchmark import synthetic_batch as _synthetic_batch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -27,18 +28,6 @@ def tiny_detector(relpath: str, tuning: str = "e3va", num_classes: int = 3) -> t
 
 
 def synthetic_batch(batch_size: int = 2, size: int = 64, num_classes: int = 3, seed: int = 0) -> List[Dict]:
-    """Detectron2-style training inputs: random images with two box+mask instances each."""
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(batch_size):
-        image = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
-        boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]])
-        masks = torch.zeros(2, size, size, dtype=torch.bool)
-        for k, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
-            masks[k, y0:y1, x0:x1] = True
-        inst = Instances((size, size))
-        inst.gt_boxes = Boxes(boxes)
-        inst.gt_classes = torch.randint(0, num_classes, (2,), generator=g)
-        inst.gt_masks = BitMasks(masks)
-        batch.append({"image": image, "instances": inst, "height": size, "width": size})
-    return batch
+    """Detectron2-style training inputs: random images with two box+mask instances each
+    (``e3va.benchmark.synthetic_batch``, which the benchmark tool also feeds its models)."""
+    return _synthetic_batch(batch_size, size, num_classes, seed, num_instances=2)

@@ -1,0 +1,111 @@
+"""tools/benchmark_tuning.py: per-method processes, results.json / .md / .png, and its errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from e3va import TUNING_METHODS
+from e3va.benchmark import (
+    RECORD_FIELDS,
+    BenchmarkSettings,
+    failed_record,
+    format_markdown_table,
+    load_note,
+    plot_results,
+    synthetic_batch,
+    write_markdown,
+)
+from helpers import REPO
+
+TOOL = REPO / "tools" / "benchmark_tuning.py"
+CONFIG = "configs/COCO/mask_rcnn_swin_t_e3va.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_tool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_two_methods_end_to_end(tmp_path):
+    out = tmp_path / "bench"
+    proc = run_tool("--config-file", CONFIG, "--methods", "fixed,e3va", "--iters", "2", "--warmup", "1",
+                    "--input-size", "64", "--batch-size", "1", "--output", str(out),
+                    "model.backbone.bottom_up.size=nano")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    records = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in records] == ["fixed", "e3va"]
+    for r in records:
+        assert set(RECORD_FIELDS) <= set(r), set(RECORD_FIELDS) - set(r)
+        assert r["status"] == "ok", r["status"]
+        assert r["peak_memory_mb"] > 0 and r["peak_rss_abs_mb"] >= r["peak_memory_mb"]
+        assert r["step_time_s"] > 0 and len(r["step_times_s"]) == 2
+        assert r["step_cpu_time_s"] > 0 and len(r["step_cpu_times_s"]) == 2
+        assert r["trainable_params"] == r["backbone_trainable_params"]
+        assert r["head_trainable_params"] > 0
+        assert r["backbone_trainable_params"] + r["head_trainable_params"] < r["total_params"]
+        assert r["input_size"] == 64 and r["batch_size"] == 1 and r["config"] == CONFIG
+        assert r["device"].startswith("cpu: ") and r["torch_version"]
+        assert r["malloc_mmap_threshold"] == "131072"  # the worker got the allocator setting
+    fixed, e3va = records
+    assert fixed["backbone_trainable_params"] == 0 < e3va["backbone_trainable_params"]
+    assert fixed["head_trainable_params"] == e3va["head_trainable_params"]  # same heads for every method
+    assert fixed["total_params"] < e3va["total_params"]  # the highway's adapters exist only with e3va
+
+    md = (out / "results.md").read_text()
+    assert "| fixed |" in md and "| e3va |" in md and "Memory vs fixed" in md
+    assert "--methods fixed,e3va" in md and "64×64, batch 1" in md
+    png = (out / "results.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    assert "fixed" in proc.stdout and "e3va" in proc.stdout  # one line per method as it finishes
+
+
+def test_unknown_method_is_named_and_valid_ones_listed(tmp_path):
+    proc = run_tool("--config-file", CONFIG, "--methods", "fixed,e3vaa", "--output", str(tmp_path / "x"),
+                    timeout=120)
+    assert proc.returncode != 0
+    assert "e3vaa" in proc.stderr
+    assert all(name in proc.stderr for name in TUNING_METHODS)
+    assert not (tmp_path / "x").exists()  # rejected before any work
+
+
+def test_writers_handle_a_failed_method(tmp_path):
+    settings = BenchmarkSettings(CONFIG, input_size=64, batch_size=1, iters=2, warmup=1)
+    ok = {k: None for k in RECORD_FIELDS}
+    ok.update(method="fixed", status="ok", backbone_trainable_params=0, head_trainable_params=20_000_000,
+              trainable_params=0, total_params=48_000_000, peak_memory_mb=995.0, step_time_s=2.0,
+              step_times_s=[2.0, 2.0], device="cpu: test")
+    full = dict(ok, method="full", backbone_trainable_params=28_000_000, trainable_params=28_000_000,
+                peak_memory_mb=2247.0, step_time_s=4.0)
+    failed = failed_record("e3va", settings, "killed by signal SIGKILL (likely out of memory)",
+                           backbone_trainable_params=500_000)
+    assert set(RECORD_FIELDS) <= set(failed) and failed["status"].startswith("failed: ")
+    records = [full, ok, failed]
+    assert load_note(records) is None  # no load readings, no line
+    busy = [dict(ok, load_avg_1m_before=1.0, load_avg_1m_after=3.9, num_threads=2)]
+    assert "1.0–3.9" in load_note(busy) and "competed" in load_note(busy)
+
+    table = format_markdown_table(records, {"Command": "python tools/benchmark_tuning.py ..."})
+    assert "| e3va (failed) |" in table and "SIGKILL" in table
+    assert "| fixed | 0 | -100.0% |" in table  # Δ% vs full
+    assert "2.26×" in table  # full's memory vs fixed's
+    assert write_markdown(records, tmp_path / "r.md").read_text() == format_markdown_table(records)
+    png = plot_results(records, tmp_path / "r.png", title="with a failure").read_bytes()
+    assert png.startswith(PNG_MAGIC)
+    # Only failures, and no reference method: still a table, dashes for the missing numbers.
+    assert "| e3va (failed) | 0.50 | — |" in format_markdown_table([failed])
+    assert plot_results([failed], tmp_path / "only_failed.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_synthetic_batch_is_seeded_and_scales_with_the_image():
+    a, b = synthetic_batch(2, 128, seed=3, num_instances=4), synthetic_batch(2, 128, seed=3, num_instances=4)
+    for x, y in zip(a, b):
+        assert (x["image"] == y["image"]).all()
+        assert (x["instances"].gt_boxes.tensor == y["instances"].gt_boxes.tensor).all()
+    inst = a[0]["instances"]
+    assert len(inst) == 4 and inst.gt_masks.tensor.shape == (4, 128, 128)
+    assert inst.gt_boxes.tensor.max() <= 128 and inst.gt_masks.tensor.flatten(1).any(dim=1).all()
+    with pytest.raises(ValueError, match="num_instances"):
+        synthetic_batch(num_instances=0)
