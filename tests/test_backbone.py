@@ -98,11 +98,14 @@ def test_gradients_reach_only_trainable_parameters(tuning):
 
 def _trunk_outputs_during_training_step(model):
     """Outputs of every trunk module during a training forward, except the highway's own use of the
-    inherited patch-merging layers (called a second time, on the highway's state, which has a graph)."""
+    inherited patch-merging layers (each called a second time, after the trunk's call, on the highway's
+    state, which has a graph)."""
     seen = []
+    calls = {}
 
     def hook(module, args, output):
-        if getattr(module, "_in_downsample", False) and args[0].requires_grad:
+        calls[module] = calls.get(module, 0) + 1
+        if getattr(module, "_in_downsample", False) and calls[module] > 1:
             return
         outs = output if isinstance(output, tuple) else (output,)
         seen.extend(o for o in outs if torch.is_tensor(o))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DualLowRankLinear", "HighwayAdapter", "ACTIVATIONS", "SAVED_INPUT_DTYPES"]
+__all__ = ["DualLowRankLinear", "HighwayAdapter", "ACTIVATIONS", "SAVED_INPUT_DTYPES", "saved_input_dtype_of"]
 
 SAVED_INPUT_DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -18,6 +18,13 @@ ACTIVATIONS: Dict[str, Callable[[], nn.Module]] = {
     "silu": nn.SiLU,
     "identity": nn.Identity,
 }
+
+def saved_input_dtype_of(name: str) -> torch.dtype:
+    """The torch dtype of a ``saved_input_dtype`` name ("float32" or "bfloat16")."""
+    if name not in SAVED_INPUT_DTYPES:
+        raise ValueError(f"Unknown saved_input_dtype {name!r}; expected one of {sorted(SAVED_INPUT_DTYPES)}.")
+    return SAVED_INPUT_DTYPES[name]
+
 
 NUM_BRANCHES = 2  # "dual" low-rank branches: W = U1 V1 + U2 V2
 
@@ -135,12 +142,8 @@ class HighwayAdapter(nn.Module):
         saved_input_dtype: str = "bfloat16",
     ) -> None:
         super().__init__()
-        if saved_input_dtype not in SAVED_INPUT_DTYPES:
-            raise ValueError(
-                f"Unknown saved_input_dtype {saved_input_dtype!r}; expected one of {sorted(SAVED_INPUT_DTYPES)}."
-            )
         self.fused = fused
-        self.saved_dtype = SAVED_INPUT_DTYPES[saved_input_dtype]
+        self.saved_dtype = saved_input_dtype_of(saved_input_dtype)
         if bottleneck <= 0:
             raise ValueError(f"bottleneck width must be positive, got {bottleneck!r} for dim={dim}.")
         if activation not in ACTIVATIONS:

@@ -23,7 +23,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import Backbone
 from torch import nn
 
-from .adapters import HighwayAdapter
+from .adapters import HighwayAdapter, saved_input_dtype_of
 from .swin import build_swin_trunk
 from .tuning import AdapterSpec, TuningMethod, get_tuning_method
 
@@ -55,6 +55,30 @@ class SwinHighway(nn.Module):
             )
             self.beside_attn.append(nn.ModuleList([make() for _ in range(depth)]))
             self.beside_mlp.append(nn.ModuleList([make() for _ in range(depth)]))
+
+
+class _FrozenDownsampleOfHighway(torch.autograd.Function):
+    """``downsample(y, H, W)`` of a frozen patch merging, keeping only ``y`` (in ``saved_dtype``).
+
+    Autograd would keep the merged LayerNorm's input and the reduction's input: twice ``y``'s size,
+    in fp32. Here the cheap layer is run again in backward, from ``y`` stored compactly; the layer's
+    parameters are frozen, so only ``y``'s gradient is returned.
+    """
+
+    @staticmethod
+    def forward(ctx, y, downsample, H, W, saved_dtype):
+        ctx.downsample, ctx.size, ctx.compute_dtype = downsample, (H, W), y.dtype
+        ctx.save_for_backward(y.to(saved_dtype))
+        with torch.no_grad():
+            return downsample(y, H, W)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (y,) = ctx.saved_tensors
+        with torch.enable_grad():
+            y = y.to(ctx.compute_dtype).detach().requires_grad_()
+            (grad_y,) = torch.autograd.grad(ctx.downsample(y, *ctx.size), y, grad_out)
+        return grad_y, None, None, None, None
 
 
 class _HighwayTaps:
@@ -108,9 +132,10 @@ class E3VASwin(Backbone):
         out_features: which of ``p0..p3`` to return.
         rank, bottleneck_ratio, activation: override the method's adapter shape (``rank`` also sets
             LoRA's rank).
-        fused_adapters: run adapters through the memory-lean autograd function (same outputs and
-            gradients as the plain graph, see ``e3va.adapters``); False for the plain graph.
-        saved_input_dtype: how fused adapters store their input for backward: "bfloat16" or "float32".
+        fused_adapters: run adapters, and the patch merging the highway crosses, through memory-lean
+            autograd functions that store only their input and recompute the rest in backward (same
+            outputs and gradients as the plain graph, see ``e3va.adapters``); False for the plain graph.
+        saved_input_dtype: how those functions store their input for backward: "bfloat16" or "float32".
         trunk_dtype: "bfloat16" (or "float16", CUDA only) runs a frozen trunk under autocast; it needs no
             fp32 autograd. The highway, the output norms and the patch merging it crosses stay fp32.
     """
@@ -160,6 +185,8 @@ class E3VASwin(Backbone):
                     + (" (it takes `rank` only)." if self.method.accepts_rank else ".")
                 )
             spec = AdapterSpec(**{**spec.__dict__, **overrides})
+        self._fused = fused_adapters
+        self._saved_dtype = saved_input_dtype_of(saved_input_dtype)
         self.highway: Optional[SwinHighway] = None
         self._taps: Optional[_HighwayTaps] = None
         if spec is not None:
@@ -212,6 +239,12 @@ class E3VASwin(Backbone):
             raise ValueError(f"trunk_dtype=float16 needs CUDA, but the input is on {x.device}; use bfloat16.")
         return torch.autocast(x.device.type, dtype=self.trunk_dtype)
 
+    def _downsample_highway(self, downsample: nn.Module, y: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        frozen = not any(p.requires_grad for p in downsample.parameters())
+        if self._fused and frozen and y.requires_grad:
+            return _FrozenDownsampleOfHighway.apply(y, downsample, H, W, self._saved_dtype)
+        return downsample(y, H, W)
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(
@@ -242,7 +275,7 @@ class E3VASwin(Backbone):
                 y = x_out + delta
                 if stage.downsample is not None and i < last:
                     # Frozen patch merging, with autograd for the highway's share of its input only.
-                    carried = stage.downsample(y, H, W) - tokens
+                    carried = self._downsample_highway(stage.downsample, y, H, W) - tokens
             if i in wanted:
                 out = self.out_norm(i)(y)
                 outputs[f"p{i}"] = out.view(-1, H, W, out.shape[-1]).permute(0, 3, 1, 2).contiguous()
