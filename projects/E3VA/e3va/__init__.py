@@ -7,10 +7,11 @@ from pathlib import Path
 
 from .adapters import DualLowRankLinear, HighwayAdapter
 from .backbone import E3VASwin, SwinHighway
-from .checkpoint import E3VACheckpointer
+from .checkpoint import CheckpointReadError, E3VACheckpointer, read_checkpoint_file
 from .data.shapes import register_shapes_datasets
 from .config import add_e3va_config, build_e3va_swin_backbone, build_e3va_swin_fpn_backbone
 from .swin import SWIN_PRESETS, SWIN_PRETRAINED_URLS, build_swin_trunk
+from .trainable import TrainableCheckpointError, load_trainable, save_trainable
 from .tuning import TUNING_METHODS, AdapterSpec, TuningMethod, get_tuning_method
 
 register_shapes_datasets()  # cheap: the images are generated on first use
@@ -20,6 +21,7 @@ NANO_SWIN_WEIGHTS = Path(__file__).parent / "weights" / "swin_nano_shapes_pretra
 
 __all__ = [
     "AdapterSpec",
+    "CheckpointReadError",
     "DualLowRankLinear",
     "E3VACheckpointer",
     "E3VASwin",
@@ -29,10 +31,14 @@ __all__ = [
     "SWIN_PRETRAINED_URLS",
     "SwinHighway",
     "TUNING_METHODS",
+    "TrainableCheckpointError",
     "TuningMethod",
     "add_e3va_config",
     "build_e3va_swin_backbone",
     "build_e3va_swin_fpn_backbone",
     "build_swin_trunk",
     "get_tuning_method",
+    "load_trainable",
+    "read_checkpoint_file",
+    "save_trainable",
 ]

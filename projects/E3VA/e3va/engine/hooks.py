@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 from detectron2.engine.defaults import default_writers
 from detectron2.engine.hooks import HookBase, PeriodicWriter
@@ -36,6 +38,7 @@ __all__ = [
     "SUMMARY_FILENAME",
     "MemoryMetricPrinter",
     "PeakMemoryHook",
+    "RandomStateHook",
     "default_e3va_writers",
 ]
 
@@ -196,6 +199,65 @@ class PeakMemoryHook(HookBase):
                 "PeakMemoryHook is registered after a PeriodicWriter: its readings reach the console, "
                 "metrics.json and TensorBoard one period late. Register it before the PeriodicWriter."
             )
+
+
+class RandomStateHook(HookBase):
+    """Saves the random generators of the training process in checkpoints and restores them on resume.
+
+    Detectron2 restores the model, optimizer, scheduler and iteration; the torch, NumPy and Python
+    generators (proposal sampling, drop-path, augmentations in the main process) it leaves running from a
+    fresh seed, so a resumed run drifts from the uninterrupted one. With this hook it does not, as long as
+    the data stream itself repeats (``num_workers=0`` and a deterministic order: the sampler's position is
+    not restored, and worker processes seed themselves).
+    """
+
+    def __init__(self) -> None:
+        self._pending: Optional[Dict[str, Any]] = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": list(random.getstate()[1]),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._pending = state  # applied in before_train
+
+    def before_train(self) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        random.setstate((3, tuple(state["python"]), None))
+
+        def restore_torch() -> None:
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+
+        # The data loader's iterator is created lazily, inside the first fetch, and creating it draws from
+        # torch's generator: the original run made that draw at iteration 0, before the saved state, so
+        # the resumed run restores torch's generator only after its first fetch.
+        if getattr(self.trainer, "_data_loader_iter_obj", 1) is None:  # SimpleTrainer, not started yet
+            self.trainer._data_loader_iter_obj = _after_first_item(iter(self.trainer.data_loader), restore_torch)
+        else:
+            restore_torch()
+
+
+def _after_first_item(iterator, action):
+    """Yields ``iterator``'s items, calling ``action()`` once the first one has been produced."""
+    first = next(iterator)
+    action()
+    yield first
+    yield from iterator
 
 
 class _SuffixAdapter(logging.LoggerAdapter):

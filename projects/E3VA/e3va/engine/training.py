@@ -32,7 +32,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..checkpoint import E3VACheckpointer
-from .hooks import PeakMemoryHook, default_e3va_writers
+from ..trainable import config_record
+from .hooks import PeakMemoryHook, RandomStateHook, default_e3va_writers
 from .params import print_trainable_parameters
 
 logger = logging.getLogger("e3va")
@@ -48,9 +49,24 @@ class TrainResult:
     summary: Optional[Dict[str, Any]] = None  # PeakMemoryHook's summary (e3va_summary.json)
 
 
-def build_checkpointer(model: nn.Module, save_dir: str = "", **checkpointables: Any) -> E3VACheckpointer:
-    """Detectron2's checkpointer that also reads official Swin classification weights."""
-    return E3VACheckpointer(model, save_dir, **checkpointables)
+def build_checkpointer(
+    model: nn.Module, save_dir: str = "", *, trainable_only: bool = False, config: Optional[str] = None,
+    **checkpointables: Any,
+) -> E3VACheckpointer:
+    """Detectron2's checkpointer that also reads official Swin classification weights and trainable-only
+    files; with ``trainable_only`` it writes those (recording ``config``)."""
+    return E3VACheckpointer(model, save_dir, trainable_only=trainable_only, config=config, **checkpointables)
+
+
+def load_weights(checkpointer: E3VACheckpointer, cfg: DictConfig) -> None:
+    """Loads ``train.init_checkpoint``, then ``train.trainable_checkpoint`` (a trainable-only file made
+    from that base) on top, when the config names one."""
+    if not cfg.train.init_checkpoint:
+        logger.warning("No train.init_checkpoint: the model keeps its initial (untrained) weights.")
+    checkpointer.load(cfg.train.init_checkpoint)
+    task = cfg.train.get("trainable_checkpoint", None)
+    if task:
+        checkpointer.load(task)
 
 
 def resolve_device(cfg: DictConfig) -> torch.device:
@@ -141,13 +157,17 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
     logging.getLogger("detectron2").info(f"Model:\n{model}")
     model.to(device)
     print_trainable_parameters(model, logger)
+    trainable_only = bool(cfg.train.get("trainable_only_checkpoints", False))
+    record = config_record(cfg) if trainable_only else None  # before the optimizer (a live object) enters cfg
 
     optimizer = build_optimizer(cfg, model)
     train_loader = instantiate(cfg.dataloader.train)
 
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if use_amp(cfg, device) else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = build_checkpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = build_checkpointer(
+        model, cfg.train.output_dir, trainable_only=trainable_only, config=record, trainer=trainer
+    )
 
     result = TrainResult(model=getattr(model, "module", model), trainer=trainer)
 
@@ -162,6 +182,7 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
+            RandomStateHook(),  # saved with the trainer's state; makes --resume repeat the random draws
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             # Before the checkpointer and EvalHook, so its step times leave out saving and evaluating;
             # before the PeriodicWriter, so its scalars are written in the same record (see hooks.py).
@@ -178,7 +199,8 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
     )
 
     # Without --resume (or without a checkpoint to resume), this loads train.init_checkpoint, e.g.
-    # pretrained Swin weights; with it, the last checkpoint of train.output_dir, optimizer included.
+    # pretrained Swin weights; with it, the last checkpoint of train.output_dir, optimizer, scheduler and
+    # iteration included (after train.init_checkpoint when that checkpoint is trainable-only).
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     if args.resume and checkpointer.has_checkpoint():
         # The checkpoint stores the iteration that just finished, so we start at the next one.
@@ -208,8 +230,6 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         model = instantiate(cfg.model)
         model.to(device)
         model = create_ddp_model(model)
-        if not cfg.train.init_checkpoint:
-            logger.warning("--eval-only without train.init_checkpoint: evaluating untrained weights.")
-        build_checkpointer(model).load(cfg.train.init_checkpoint)
+        load_weights(build_checkpointer(model), cfg)
         return do_test(cfg, model)
     return do_train(args, cfg).eval_results

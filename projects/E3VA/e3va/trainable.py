@@ -1,0 +1,212 @@
+"""Per-task checkpoints that hold only what a tuning method trains.
+
+An E3VA task changes about 1% of a Swin detector's backbone; the rest is the shared pretrained base. A
+trainable-only file keeps the trainable parameters (and the buffers of the modules that own them, such as
+batch-norm statistics), the tuning method, the config, and a fingerprint of the frozen base weights, so
+that loading it on top of a different base, or into a model of another method, is refused instead of
+silently producing a mismatched model.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TRAINABLE_FORMAT",
+    "TRAINABLE_META_KEY",
+    "TrainableCheckpointError",
+    "apply_trainable",
+    "base_fingerprint",
+    "config_record",
+    "check_trainable_checkpoint",
+    "is_trainable_checkpoint",
+    "load_trainable",
+    "save_trainable",
+    "trainable_checkpoint",
+    "trainable_metadata",
+    "trainable_state_dict",
+    "tuning_method_of",
+]
+
+TRAINABLE_FORMAT = "e3va-trainable/1"
+# The key under which a checkpoint says that its "model" entry holds the trainable part only.
+TRAINABLE_META_KEY = "e3va_trainable"
+
+
+class TrainableCheckpointError(ValueError):
+    """A trainable-only checkpoint does not fit the model it is loaded into."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel
+
+
+def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The parameters that require gradients, plus the buffers of the modules that own them.
+
+    Buffers elsewhere (the trunk's index tables, the detector's pixel mean) are rebuilt from the config
+    or belong to the base, so they are left out.
+    """
+    model = _unwrap(model)
+    state: Dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if not any(p.requires_grad for p in own.values()):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for name, p in own.items():
+            if p.requires_grad:
+                state[prefix + name] = p.detach().clone()
+        for name, b in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                state[prefix + name] = b.detach().clone()
+    return state
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the names, shapes, dtypes and values of the frozen parameters.
+
+    Two models agree on it exactly when a trainable-only checkpoint of one completes the other.
+    """
+    digest = hashlib.sha256()
+    for name, p in sorted(_unwrap(model).named_parameters(), key=lambda item: item[0]):
+        if p.requires_grad:
+            continue
+        t = p.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def tuning_method_of(model: nn.Module) -> Optional[str]:
+    """The tuning method of the model's E3VA Swin backbone, or None when it has none."""
+    from .backbone import E3VASwin  # local: the backbone pulls in Detectron2's modeling
+
+    for module in _unwrap(model).modules():
+        if isinstance(module, E3VASwin):
+            return module.method.name
+    return None
+
+
+def trainable_metadata(model: nn.Module, config: Optional[str] = None) -> Dict[str, Any]:
+    """What a trainable-only checkpoint records beside the weights."""
+    return {
+        "format": TRAINABLE_FORMAT,
+        "tuning": tuning_method_of(model),
+        "base_fingerprint": base_fingerprint(model),
+        "config": config,
+    }
+
+
+def config_record(cfg: Any) -> Optional[str]:
+    """A LazyConfig as the YAML Detectron2 writes (``LazyConfig.save``), to store beside the weights;
+    None when the config holds objects YAML cannot write."""
+    import tempfile
+
+    from detectron2.config import LazyConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        try:
+            LazyConfig.save(cfg, str(path))
+        except Exception:  # the record is informative; a config that cannot be written should not stop saving
+            return None
+        return path.read_text() if path.is_file() else None
+
+
+def trainable_checkpoint(model: nn.Module, config: Optional[str] = None) -> Dict[str, Any]:
+    """``{"model": trainable tensors, TRAINABLE_META_KEY: metadata}``: what every trainable-only file holds."""
+    return {"model": trainable_state_dict(model), TRAINABLE_META_KEY: trainable_metadata(model, config)}
+
+
+def is_trainable_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """True for a checkpoint dict written by :func:`save_trainable` or a trainable-only checkpointer."""
+    return isinstance(checkpoint, Mapping) and TRAINABLE_META_KEY in checkpoint
+
+
+def save_trainable(model: nn.Module, path: Union[str, os.PathLike], *, config: Optional[str] = None,
+                   **extra: Any) -> Path:
+    """Writes the trainable part of ``model`` to ``path`` (see the module docstring); returns the path.
+
+    ``config`` is stored as given (e.g. :func:`config_record` of the LazyConfig); ``extra``
+    entries (e.g. ``iteration``) are saved beside the weights.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {**trainable_checkpoint(model, config), **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous file, never a truncated one
+    return path
+
+
+def check_trainable_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """Raises :class:`TrainableCheckpointError` unless ``checkpoint`` completes ``model`` exactly:
+    same format, tuning method, trainable names and shapes, and frozen base weights."""
+    meta = checkpoint.get(TRAINABLE_META_KEY)
+    if not isinstance(meta, Mapping) or meta.get("format") != TRAINABLE_FORMAT:
+        found = meta.get("format") if isinstance(meta, Mapping) else None
+        raise TrainableCheckpointError(
+            f"{source} is not a trainable-only checkpoint of format {TRAINABLE_FORMAT!r} (found {found!r})."
+        )
+    method = tuning_method_of(model)
+    if meta.get("tuning") != method:
+        raise TrainableCheckpointError(
+            f"{source} was trained with tuning={meta.get('tuning')!r}, but the model uses tuning={method!r}; "
+            f"build the model with model.backbone.bottom_up.tuning={meta.get('tuning')}."
+        )
+    expected = trainable_state_dict(model)
+    saved = checkpoint["model"]
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    wrong_shape = [
+        f"{k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(saved))
+        if tuple(saved[k].shape) != tuple(expected[k].shape)
+    ]
+    problems: List[str] = []
+    if missing:
+        problems.append(f"{len(missing)} trainable tensors missing from the file, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors the model does not train, e.g. {unexpected[:3]}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} shape mismatches, e.g. {wrong_shape[:3]}")
+    if problems:
+        raise TrainableCheckpointError(
+            f"{source} does not fit this model ({'; '.join(problems)}). Were the adapter shapes "
+            "(rank, bottleneck_ratio) or the detector's config different?"
+        )
+    fingerprint = base_fingerprint(model)
+    if meta.get("base_fingerprint") != fingerprint:
+        raise TrainableCheckpointError(
+            f"{source} was trained on other frozen base weights (fingerprint "
+            f"{str(meta.get('base_fingerprint'))[:12]}…, this model's {fingerprint[:12]}…). Load the same "
+            "pretrained weights (train.init_checkpoint) into the model first."
+        )
+
+
+def apply_trainable(model: nn.Module, checkpoint: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """Copies a trainable-only checkpoint's tensors into ``model`` after
+    :func:`check_trainable_checkpoint` passed, so a refused file leaves the model untouched."""
+    check_trainable_checkpoint(model, checkpoint, source)
+    target = _unwrap(model)
+    tensors = {**dict(target.named_parameters()), **dict(target.named_buffers())}
+    with torch.no_grad():
+        for name, value in checkpoint["model"].items():
+            tensors[name].copy_(value)
+
+
+def load_trainable(model: nn.Module, path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Loads a trainable-only checkpoint file on top of ``model``, which already holds the base weights
+    (see :func:`apply_trainable`). Returns the file's other entries (metadata, iteration, ...)."""
+    from .checkpoint import read_checkpoint_file  # local: checkpoint imports this module
+
+    checkpoint = read_checkpoint_file(str(path))
+    apply_trainable(model, checkpoint, str(path))
+    checkpoint.pop("model")
+    return checkpoint
