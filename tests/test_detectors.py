@@ -4,6 +4,8 @@ import torch
 from detectron2.config import instantiate
 from detectron2.utils.events import EventStorage
 
+from e3va import NANO_SWIN_WEIGHTS, SWIN_PRETRAINED_URLS
+from e3va.swin import NANO_IMAGE_FORMAT, NANO_PIXEL_MEAN, NANO_PIXEL_STD
 from helpers import CONFIGS, load_config, synthetic_batch, tiny_detector
 
 ALL_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.py") if p.parent.name != "common")
@@ -31,6 +33,26 @@ def test_coco_configs_follow_the_paper_recipe(relpath):
     assert cfg.train.max_iter == 270000
     size = cfg.model.backbone.bottom_up.size
     assert f"swin_{ {'T': 'tiny', 'B': 'base', 'L': 'large'}[size] }_" in cfg.train.init_checkpoint
+
+
+IMAGENET_RGB = ("RGB", (123.675, 116.28, 103.53), (58.395, 57.12, 57.375))  # the official Swin releases
+NANO_BGR = (NANO_IMAGE_FORMAT, NANO_PIXEL_MEAN, NANO_PIXEL_STD)  # tools/pretrain_nano_swin.py
+
+
+@pytest.mark.parametrize("relpath", ALL_CONFIGS)
+def test_input_is_normalised_as_the_trunk_was_pretrained(relpath):
+    """Detectron2's detector defaults (BGR, std 1) would feed a Swin inputs ~58x too large."""
+    cfg = load_config(relpath)
+    image_format = cfg.dataloader.train.mapper.image_format
+    assert cfg.dataloader.test.mapper.image_format == image_format
+    if "input_format" in cfg.model:
+        assert cfg.model.input_format == image_format
+    expected = NANO_BGR if cfg.train.init_checkpoint == str(NANO_SWIN_WEIGHTS) else IMAGENET_RGB
+    if expected is IMAGENET_RGB:
+        assert cfg.train.init_checkpoint in SWIN_PRETRAINED_URLS.values(), cfg.train.init_checkpoint
+    found = (image_format, tuple(cfg.model.pixel_mean), tuple(cfg.model.pixel_std))
+    assert found[0] == expected[0], found
+    assert found[1] == pytest.approx(expected[1]) and found[2] == pytest.approx(expected[2]), found
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,11 @@ from torch import nn
 
 from e3va import NANO_SWIN_WEIGHTS, build_swin_trunk
 from e3va.data.shapes import SHAPES_CLASSES, render_shapes_image
+from e3va.swin import NANO_PIXEL_MEAN, NANO_PIXEL_STD
 
-# Detectron2's input convention (BGR, 0-255, ImageNet statistics), so pretraining sees what the detector sees.
-PIXEL_MEAN = torch.tensor([103.530, 116.280, 123.675]).view(1, 3, 1, 1)
-PIXEL_STD = torch.tensor([57.375, 57.120, 58.395]).view(1, 3, 1, 1)
+# BGR, 0-255, ImageNet statistics: the Shapes configs normalise their input with the same constants.
+PIXEL_MEAN = torch.tensor(NANO_PIXEL_MEAN).view(1, 3, 1, 1)
+PIXEL_STD = torch.tensor(NANO_PIXEL_STD).view(1, 3, 1, 1)
 MAX_COUNT = 3  # counts are classified as 0, 1, 2, 3+
 DENSE_STRIDE = 8  # the auxiliary per-cell loss reads stage 1 (stride 8)
 SEED_OFFSET = 10_000  # keeps pretraining images apart from the demo's (generated from seed 0)

@@ -6,7 +6,7 @@ project's own pretrained Swin "nano" (through ``tools/demo.py``, each in a fresh
 evaluated with Detectron2's COCOEvaluator. Writes ``DIR/transfer.json`` and ``DIR/transfer.md``: COCO box
 and mask AP with trainable backbone parameters, peak memory (process peak RSS) and mean iteration time.
 
-    python tools/transfer_study.py --methods fixed,e3va,full --max-iter 1000 --output output/transfer
+    python tools/transfer_study.py --methods fixed,e3va,full --output output/transfer   # --max-iter N
 """
 import argparse
 import json
@@ -15,16 +15,17 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from e3va import TUNING_METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_method(method: str, max_iter: int, out_dir: Path, opts: List[str]) -> Dict:
+def run_method(method: str, max_iter: Optional[int], out_dir: Path, opts: List[str]) -> Dict:
     """Trains and evaluates one method in its own process; returns its demo summary (or the failure)."""
-    cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--tuning", method, "--max-iter", str(max_iter),
+    iters = [] if max_iter is None else ["--max-iter", str(max_iter)]
+    cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--tuning", method, *iters,
            "--output-dir", str(out_dir), "--num-images", "0", *opts]
     log = out_dir.parent / f"{method}.log"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,7 @@ def markdown(records: List[Dict], command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(TUNING_METHODS))
-    parser.add_argument("--max-iter", type=int, default=1000)
+    parser.add_argument("--max-iter", type=int, default=None, help="default: the Shapes config's train.max_iter")
     parser.add_argument("--output", default=str(REPO / "output" / "transfer"))
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides for every run")
     args = parser.parse_args()

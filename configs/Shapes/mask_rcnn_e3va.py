@@ -19,6 +19,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.solver import WarmupParamScheduler
 
 from e3va import NANO_SWIN_WEIGHTS
+from e3va.swin import NANO_IMAGE_FORMAT, NANO_PIXEL_MEAN, NANO_PIXEL_STD
 from e3va.data.shapes import SHAPES_CLASSES, build_shapes_evaluator
 
 from ..common.models.mask_rcnn_swin_e3va import model
@@ -27,6 +28,7 @@ from ..common.models.mask_rcnn_swin_e3va import model
 CHANNELS = 64
 model.backbone.bottom_up.size = "nano"
 model.backbone.bottom_up.drop_path_rate = 0.0
+model.update(pixel_mean=list(NANO_PIXEL_MEAN), pixel_std=list(NANO_PIXEL_STD), input_format=NANO_IMAGE_FORMAT)
 model.backbone.out_channels = CHANNELS
 model.proposal_generator.head.in_channels = CHANNELS
 model.proposal_generator.anchor_generator.sizes = [[8], [16], [32], [64], [128]]
@@ -48,7 +50,7 @@ dataloader.train = L(build_detection_train_loader)(
     mapper=L(DatasetMapper)(
         is_train=True,
         augmentations=[L(T.RandomFlip)(horizontal=True)],
-        image_format="BGR",
+        image_format=NANO_IMAGE_FORMAT,
         use_instance_mask=True,
     ),
     total_batch_size=4,
@@ -56,7 +58,7 @@ dataloader.train = L(build_detection_train_loader)(
 )
 dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="shapes_val", filter_empty=False),
-    mapper=L(DatasetMapper)(is_train=False, augmentations=[], image_format="BGR"),
+    mapper=L(DatasetMapper)(is_train=False, augmentations=[], image_format=NANO_IMAGE_FORMAT),
     num_workers=1,
 )
 dataloader.evaluator = L(build_shapes_evaluator)(dataset_name="shapes_val")
@@ -66,17 +68,21 @@ optimizer = model_zoo.get_config("common/optim.py").AdamW
 optimizer.lr = 1e-3
 optimizer.weight_decay = 0.05
 
+MAX_ITER = 500  # about 4 minutes of training on 2 cores of a fast CPU, 7 on a slow one
+
 train = model_zoo.get_config("common/train.py").train
 train.device = "cpu"
-train.max_iter = 1000
+train.max_iter = MAX_ITER
 train.init_checkpoint = str(NANO_SWIN_WEIGHTS)
 train.output_dir = "./output/shapes_mask_rcnn_e3va"
 train.log_period = 20
-train.eval_period = 1000
-train.checkpointer.period = 1000
+train.eval_period = MAX_ITER
+train.checkpointer.period = MAX_ITER
 
+# Milestones and warm-up are fractions of train.max_iter for Detectron2's LR multiplier, so the schedule
+# keeps its shape when an override changes max_iter.
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[800, 1000]),
-    warmup_length=50 / 1000,
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[int(0.8 * MAX_ITER), MAX_ITER]),
+    warmup_length=25 / MAX_ITER,
     warmup_factor=0.01,
 )

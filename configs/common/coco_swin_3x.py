@@ -5,7 +5,10 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
+from .models.swin_input import SWIN_IMAGE_FORMAT
+
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+dataloader.train.mapper.image_format = SWIN_IMAGE_FORMAT  # the test mapper follows it
 dataloader.train.mapper.augmentations = [
     L(T.ResizeShortestEdge)(
         short_edge_length=tuple(range(480, 801, 32)), sample_style="choice", max_size=1333

@@ -2,6 +2,7 @@
 from detectron2 import model_zoo
 
 from .mask_rcnn_swin_e3va import model as _mask_rcnn
+from .swin_input import use_swin_input
 
-model = model_zoo.get_config("common/models/cascade_rcnn.py").model
+model = use_swin_input(model_zoo.get_config("common/models/cascade_rcnn.py").model)
 model.backbone = _mask_rcnn.backbone

@@ -8,7 +8,9 @@ from detectron2.config import LazyCall as L
 
 from e3va import E3VASwin
 
-model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+from .swin_input import use_swin_input
+
+model = use_swin_input(model_zoo.get_config("common/models/mask_rcnn_fpn.py").model)
 model.backbone.bottom_up = L(E3VASwin)(
     size="T",
     tuning="e3va",

@@ -9,7 +9,15 @@ from typing import Any, Dict
 
 from detectron2.modeling.backbone.swin import SwinTransformer
 
-__all__ = ["SWIN_PRESETS", "SWIN_PRETRAINED_URLS", "swin_preset", "build_swin_trunk"]
+__all__ = [
+    "NANO_IMAGE_FORMAT",
+    "NANO_PIXEL_MEAN",
+    "NANO_PIXEL_STD",
+    "SWIN_PRESETS",
+    "SWIN_PRETRAINED_URLS",
+    "swin_preset",
+    "build_swin_trunk",
+]
 
 # Embed dims, depths and heads of Swin-T/S/B/L as in the Swin paper (Liu et al., 2021, Table 1).
 # "nano" is not a paper model: it is the small trunk the project pretrains itself for the CPU demo.
@@ -35,6 +43,14 @@ SWIN_PRETRAINED_URLS: Dict[str, str] = {
 }
 
 SUPPORTED_WINDOW_SIZES = (7, 12)
+
+# The official releases were trained on RGB images in 0-255 normalised by ImageNet's mean and std
+# (Detectron2's ``imagenet_rgb256_mean/std``). The project's nano trunk was pretrained on Detectron2's
+# default channel order, BGR, with the same statistics (tools/pretrain_nano_swin.py); a model built on
+# it must normalise its input the same way.
+NANO_IMAGE_FORMAT = "BGR"
+NANO_PIXEL_MEAN = (103.530, 116.280, 123.675)
+NANO_PIXEL_STD = (57.375, 57.120, 58.395)
 
 
 def swin_preset(size: str) -> Dict[str, Any]:
