@@ -1,4 +1,4 @@
-"""A deterministic synthetic "shapes" instance-segmentation dataset, in COCO format.
+"""A deterministic synthetic "shapes" instance-segmentation dataset, in COCO format, with semantic labels.
 
 Each image is a textured background (smooth noise, stripes and checkers, mixed differently per image)
 with a few filled, coloured geometric shapes that may overlap; later shapes occlude earlier ones and the
@@ -18,6 +18,25 @@ Typical use in a LazyConfig::
 Build the evaluator with :func:`build_shapes_evaluator` (not ``COCOEvaluator`` directly): the
 evaluator reads the json file when it is constructed, which may be before anything has loaded the
 dataset.
+
+**Semantic segmentation.** The same images also come as a semantic segmentation dataset,
+``shapes_sem_seg_train`` / ``shapes_sem_seg_val``, registered as Detectron2 registers ADE20K: its own
+``load_sem_seg`` loader, metadata ``stuff_classes``, ``ignore_label=255``, ``evaluator_type="sem_seg"``
+(``SemSegEvaluator``). Each image ``<split>/NNNNNN.png`` gets a label image ``<split>_sem_seg/NNNNNN.png``
+(uint8, one channel): the class index 0..3 of the shape visible at the pixel (``SHAPES_CLASSES``, the
+contiguous ids the COCO registration uses) and 4 (``"background"``) everywhere else. Background is a
+class of its own, not ignored: telling shape from texture is half the task, and mIoU then scores it.
+No pixel is 255; that value is left for padding and crops. The labels are made from the COCO json's
+polygons (exact for the visible masks, see :func:`_mask_to_polygons`), so they agree with the instance
+annotations by construction, and generated lazily too, after the COCO files, which they leave as they
+were::
+
+    dataloader.train.dataset = L(get_detection_dataset_dicts)(names="shapes_sem_seg_train")
+    dataloader.evaluator = L(SemSegEvaluator)(
+        dataset_name="shapes_sem_seg_val", sem_seg_loading_fn=load_sem_seg_label)  # e3va.data.sem_seg
+
+``SemSegEvaluator`` loads its dataset in its constructor, which generates the files if needed (see
+configs/Shapes/semseg_upernet_e3va.py).
 """
 from __future__ import annotations
 
@@ -32,7 +51,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets.coco import load_coco_json
+from detectron2.data.datasets.coco import load_coco_json, load_sem_seg
 from detectron2.evaluation import COCOEvaluator
 from pycocotools import mask as mask_util
 
@@ -43,25 +62,45 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "SHAPES_CLASSES",
+    "SHAPES_SEM_SEG_BACKGROUND",
+    "SHAPES_SEM_SEG_CLASSES",
+    "SHAPES_SEM_SEG_IGNORE",
     "SHAPES_SPLITS",
     "DEFAULT_SHAPES_NAMES",
+    "DEFAULT_SHAPES_SEM_SEG_NAMES",
     "build_shapes_evaluator",
     "default_shapes_root",
     "ensure_shapes_dataset",
+    "ensure_shapes_sem_seg_dataset",
     "generate_shapes_dataset",
+    "generate_shapes_sem_seg",
     "register_shapes_datasets",
+    "register_shapes_sem_seg_datasets",
     "render_shapes_image",
+    "semantic_label",
 ]
 
 SHAPES_CLASSES: Tuple[str, ...] = ("circle", "square", "triangle", "star")
 SHAPES_SPLITS: Tuple[str, ...] = ("train", "val")
 DEFAULT_SHAPES_NAMES: Tuple[str, str] = ("shapes_train", "shapes_val")
 
+# Semantic segmentation: the shape classes keep their contiguous ids 0..3, background is class 4,
+# and 255 (Detectron2's ignore value) marks no pixel of the labels, only padding and crops.
+SHAPES_SEM_SEG_CLASSES: Tuple[str, ...] = (*SHAPES_CLASSES, "background")
+SHAPES_SEM_SEG_BACKGROUND: int = len(SHAPES_CLASSES)
+SHAPES_SEM_SEG_IGNORE: int = 255
+DEFAULT_SHAPES_SEM_SEG_NAMES: Tuple[str, str] = ("shapes_sem_seg_train", "shapes_sem_seg_val")
+
 # Visualisation colours (RGB), one per class, for Detectron2's Visualizer.
 _THING_COLORS = [[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48]]
+_STUFF_COLORS = _THING_COLORS + [[128, 128, 128]]
 
 # Bump when the drawing code changes: stored in the json, so old files get regenerated.
 _GENERATOR_VERSION = 1
+# Bump when the semantic labels change (layout, class ids, background policy): stored in
+# <split>_sem_seg/info.json, so old labels get regenerated. The COCO files are not affected.
+_SEM_SEG_VERSION = 1
+_SEM_SEG_INFO = "info.json"
 _SPLIT_IDS = {"train": 0, "val": 1}
 
 # Acceptance rules for a new (occluding) shape; see _accept().
@@ -361,6 +400,82 @@ def generate_shapes_dataset(
     return json_path
 
 
+def semantic_label(annotations: Sequence[Dict[str, Any]], height: int, width: int) -> np.ndarray:
+    """The uint8 (height, width) semantic label of one image from its COCO annotations (1-based
+    ``category_id``, polygon ``segmentation``): the shape's 0-based class where it is visible,
+    ``SHAPES_SEM_SEG_BACKGROUND`` elsewhere. The shapes' visible masks never overlap."""
+    label = np.full((height, width), SHAPES_SEM_SEG_BACKGROUND, np.uint8)
+    for ann in annotations:
+        rle = mask_util.merge(mask_util.frPyObjects(ann["segmentation"], height, width))
+        label[mask_util.decode(rle).astype(bool)] = ann["category_id"] - 1
+    return label
+
+
+def _sem_seg_params(coco_params: Dict[str, Any]) -> Dict[str, Any]:
+    return {
+        "generator": "e3va.data.shapes.sem_seg",
+        "version": _SEM_SEG_VERSION,
+        "classes": list(SHAPES_SEM_SEG_CLASSES),
+        "coco": coco_params,
+    }
+
+
+def _sem_seg_is_up_to_date(label_dir: Path, params: Dict[str, Any], file_names: Sequence[str]) -> bool:
+    try:
+        with open(label_dir / _SEM_SEG_INFO) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return info.get("parameters") == params and all((label_dir / name).is_file() for name in file_names)
+
+
+def generate_shapes_sem_seg(
+    root: Union[str, Path], split: str, num_images: int, image_size: int = 128, seed: int = 0
+) -> Path:
+    """Writes the semantic labels ``root/<split>_sem_seg/*.png`` and returns that directory.
+
+    First makes sure the COCO split exists (:func:`generate_shapes_dataset`, same arguments), then
+    rasterises its polygons with :func:`semantic_label`: one single-channel uint8 PNG per image, with
+    the image's file name. Does nothing if ``<split>_sem_seg/info.json`` records the same parameters
+    (those of the COCO split included) and every label is there. Same arguments, same bytes.
+    """
+    json_path = generate_shapes_dataset(root, split, num_images, image_size, seed)
+    root = json_path.parent
+    with open(json_path) as f:
+        data = json.load(f)
+    images = data["images"]
+    params = _sem_seg_params(data["info"]["parameters"])
+    label_dir = root / f"{split}_sem_seg"
+    file_names = [im["file_name"] for im in images]
+    if _sem_seg_is_up_to_date(label_dir, params, file_names):
+        return label_dir
+
+    label_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(root / f".{split}_sem_seg.lock"):
+        if _sem_seg_is_up_to_date(label_dir, params, file_names):  # another process just made them
+            return label_dir
+        with contextlib.suppress(FileNotFoundError):
+            (label_dir / _SEM_SEG_INFO).unlink()
+        for stale in label_dir.glob("*.png"):
+            stale.unlink()
+        per_image: Dict[int, List[Dict[str, Any]]] = {im["id"]: [] for im in images}
+        for ann in data["annotations"]:
+            per_image[ann["image_id"]].append(ann)
+        for im in images:
+            label = semantic_label(per_image[im["id"]], im["height"], im["width"])
+            ok, png = cv2.imencode(".png", label)
+            if not ok:  # pragma: no cover
+                raise RuntimeError(f"cv2 could not encode the label of {im['file_name']}")
+            _atomic_write(label_dir / im["file_name"], png.tobytes())
+        info = {
+            "description": "E3VA synthetic shapes, semantic labels",
+            "parameters": params,
+            "ignore_label": SHAPES_SEM_SEG_IGNORE,
+        }
+        _atomic_write(label_dir / _SEM_SEG_INFO, json.dumps(info).encode(), fsync=True)
+    return label_dir
+
+
 # --------------------------------------------------------------------------------------------------
 # Detectron2 registration
 # --------------------------------------------------------------------------------------------------
@@ -389,6 +504,10 @@ class _SplitSpec:
     def image_root(self) -> Path:
         return self.root / self.split
 
+    @property
+    def sem_seg_root(self) -> Path:
+        return self.root / f"{self.split}_sem_seg"
+
 
 class _LazyShapesLoader:
     """The DatasetCatalog function: generates the split if needed, then Detectron2's load_coco_json."""
@@ -404,17 +523,64 @@ class _LazyShapesLoader:
         return load_coco_json(str(json_file), str(self.spec.image_root), self.name)
 
 
+class _LazyShapesSemSegLoader:
+    """The DatasetCatalog function of the semantic splits: generates the labels (and images) if needed,
+    then Detectron2's load_sem_seg, as for ADE20K."""
+
+    is_e3va_shapes_sem_seg = True  # marks our registrations (see _LazyShapesLoader)
+
+    def __init__(self, name: str, spec: _SplitSpec):
+        self.name = name
+        self.spec = spec
+
+    def __call__(self) -> List[Dict[str, Any]]:
+        label_dir = _ensure_sem_seg(self.spec)
+        return load_sem_seg(str(label_dir), str(self.spec.image_root), gt_ext="png", image_ext="png")
+
+
 def _ensure(spec: _SplitSpec) -> Path:
     return generate_shapes_dataset(spec.root, spec.split, spec.num_images, spec.image_size, spec.seed)
 
 
-def _registered_spec(name: str) -> Optional[_SplitSpec]:
+def _ensure_sem_seg(spec: _SplitSpec) -> Path:
+    return generate_shapes_sem_seg(spec.root, spec.split, spec.num_images, spec.image_size, spec.seed)
+
+
+def _registered_spec(name: str, marker: str = "is_e3va_shapes") -> Optional[_SplitSpec]:
     func = DatasetCatalog[name] if name in DatasetCatalog else None
-    return func.spec if getattr(func, "is_e3va_shapes", False) else None
+    return func.spec if getattr(func, marker, False) else None
 
 
-def _registered_shapes_names() -> List[str]:
-    return [n for n in DatasetCatalog.list() if _registered_spec(n) is not None]
+def _registered_shapes_names(marker: str = "is_e3va_shapes") -> List[str]:
+    return [n for n in DatasetCatalog.list() if _registered_spec(n, marker) is not None]
+
+
+def _check_registration(names: Sequence[str], num_train: int, num_val: int, image_size: int) -> None:
+    if isinstance(names, str) or len(names) != 2 or len(set(names)) != 2:
+        raise ValueError(f"names must be two distinct dataset names (train, val), got {names!r}.")
+    for label, value in (("num_train", num_train), ("num_val", num_val)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive int, got {value!r}.")
+    if not isinstance(image_size, int) or image_size < 32:
+        raise ValueError(f"image_size must be an int >= 32 (pixels), got {image_size!r}.")
+
+
+def _replaceable(name: str, spec: _SplitSpec, marker: str) -> bool:
+    """Whether to register ``name`` now: False if it already holds this very registration, True if it
+    is free or held by another registration of ours (removed here); an error if anything else holds it."""
+    if name not in DatasetCatalog:
+        return True
+    old = _registered_spec(name, marker)
+    if old is None:
+        raise ValueError(
+            f"Dataset name {name!r} is already registered by something other than the shapes "
+            "dataset; pass different names=(train_name, val_name)."
+        )
+    if old == spec:
+        return False
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+    return True
 
 
 def register_shapes_datasets(
@@ -424,6 +590,7 @@ def register_shapes_datasets(
     image_size: int = 128,
     seed: int = 0,
     names: Sequence[str] = DEFAULT_SHAPES_NAMES,
+    sem_seg_names: Optional[Sequence[str]] = None,
 ) -> Tuple[str, str]:
     """Registers the train and val splits as COCO datasets ``names`` (default shapes_train/shapes_val).
 
@@ -432,29 +599,22 @@ def register_shapes_datasets(
     files are generated on first use. Cheap, and idempotent: registering the same names again replaces
     the previous shapes registration (or keeps it, if identical). ``root`` defaults to
     :func:`default_shapes_root`. Returns the two names.
+
+    The same splits are also registered for semantic segmentation (:func:`register_shapes_sem_seg_datasets`)
+    under ``sem_seg_names``; ``None`` means ``shapes_sem_seg_train`` / ``shapes_sem_seg_val`` when ``names``
+    are the defaults and no semantic registration otherwise (``()`` for none in any case).
     """
-    if isinstance(names, str) or len(names) != 2 or len(set(names)) != 2:
-        raise ValueError(f"names must be two distinct dataset names (train, val), got {names!r}.")
-    for label, value in (("num_train", num_train), ("num_val", num_val)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive int, got {value!r}.")
-    if not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"image_size must be an int >= 32 (pixels), got {image_size!r}.")
+    _check_registration(names, num_train, num_val, image_size)
+    if sem_seg_names is None:
+        sem_seg_names = DEFAULT_SHAPES_SEM_SEG_NAMES if tuple(names) == DEFAULT_SHAPES_NAMES else ()
+    if sem_seg_names:
+        _check_registration(sem_seg_names, num_train, num_val, image_size)
     root = Path(root).expanduser() if root is not None else default_shapes_root()
 
     for name, split, num in zip(names, SHAPES_SPLITS, (num_train, num_val)):
         spec = _SplitSpec(root, split, num, image_size, seed)
-        if name in DatasetCatalog:
-            old = _registered_spec(name)
-            if old is None:
-                raise ValueError(
-                    f"Dataset name {name!r} is already registered by something other than the shapes "
-                    f"dataset; pass different names=(train_name, val_name)."
-                )
-            if old == spec:
-                continue
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
+        if not _replaceable(name, spec, "is_e3va_shapes"):
+            continue
         DatasetCatalog.register(name, _LazyShapesLoader(name, spec))
         MetadataCatalog.get(name).set(
             json_file=str(spec.json_file),
@@ -464,6 +624,43 @@ def register_shapes_datasets(
             # What load_coco_json would set; set now so an evaluator works before the dataset loads.
             thing_dataset_id_to_contiguous_id={k + 1: k for k in range(len(SHAPES_CLASSES))},
             thing_colors=[list(c) for c in _THING_COLORS],
+        )
+    if sem_seg_names:
+        register_shapes_sem_seg_datasets(root, num_train, num_val, image_size, seed, names=sem_seg_names)
+    return tuple(names)  # type: ignore[return-value]
+
+
+def register_shapes_sem_seg_datasets(
+    root: Union[str, Path, None] = None,
+    num_train: int = 400,
+    num_val: int = 50,
+    image_size: int = 128,
+    seed: int = 0,
+    names: Sequence[str] = DEFAULT_SHAPES_SEM_SEG_NAMES,
+) -> Tuple[str, str]:
+    """Registers the train and val splits as semantic segmentation datasets ``names`` (default
+    shapes_sem_seg_train/shapes_sem_seg_val), the same images as :func:`register_shapes_datasets`.
+
+    Same catalog entries as Detectron2's ADE20K registration (``load_sem_seg`` loader; metadata
+    ``stuff_classes``, ``image_root``, ``sem_seg_root``, ``evaluator_type="sem_seg"``,
+    ``ignore_label=255``), except that the files are generated on first use. Classes are
+    ``SHAPES_SEM_SEG_CLASSES``: the four shapes (0..3), then background (4). Cheap and idempotent, as
+    :func:`register_shapes_datasets`. Returns the two names.
+    """
+    _check_registration(names, num_train, num_val, image_size)
+    root = Path(root).expanduser() if root is not None else default_shapes_root()
+    for name, split, num in zip(names, SHAPES_SPLITS, (num_train, num_val)):
+        spec = _SplitSpec(root, split, num, image_size, seed)
+        if not _replaceable(name, spec, "is_e3va_shapes_sem_seg"):
+            continue
+        DatasetCatalog.register(name, _LazyShapesSemSegLoader(name, spec))
+        MetadataCatalog.get(name).set(
+            stuff_classes=list(SHAPES_SEM_SEG_CLASSES),
+            stuff_colors=[list(c) for c in _STUFF_COLORS],
+            image_root=str(spec.image_root),
+            sem_seg_root=str(spec.sem_seg_root),
+            evaluator_type="sem_seg",
+            ignore_label=SHAPES_SEM_SEG_IGNORE,
         )
     return tuple(names)  # type: ignore[return-value]
 
@@ -484,6 +681,25 @@ def ensure_shapes_dataset(dataset_name: str = "shapes_val") -> Path:
             "Call e3va.data.shapes.register_shapes_datasets() first."
         )
     return _ensure(spec)
+
+
+def ensure_shapes_sem_seg_dataset(dataset_name: str = "shapes_sem_seg_val") -> Path:
+    """Generates a registered semantic shapes dataset's files if needed; returns its label directory.
+
+    ``dataset_name`` is a name registered by :func:`register_shapes_sem_seg_datasets`, or a bare split
+    (``"train"``/``"val"``) meaning the default-named ``shapes_sem_seg_<split>``.
+    """
+    marker = "is_e3va_shapes_sem_seg"
+    spec = _registered_spec(dataset_name, marker)
+    if spec is None and dataset_name in SHAPES_SPLITS:
+        spec = _registered_spec(f"shapes_sem_seg_{dataset_name}", marker)
+    if spec is None:
+        raise ValueError(
+            f"{dataset_name!r} is not a registered semantic shapes dataset; registered: "
+            f"{_registered_shapes_names(marker)} (or a split: {list(SHAPES_SPLITS)}). "
+            "Call e3va.data.shapes.register_shapes_sem_seg_datasets() first."
+        )
+    return _ensure_sem_seg(spec)
 
 
 def build_shapes_evaluator(
