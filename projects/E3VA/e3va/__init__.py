@@ -1,18 +1,20 @@
 """E3VA: parameter-, memory- and time-efficient visual adapters for Detectron2.
 
-Importing the package registers its Detectron2 pieces: the yacs backbone builders and the synthetic
-``shapes_train`` / ``shapes_val`` datasets (generated lazily, on first use).
+Importing the package registers its Detectron2 pieces: the yacs backbone builders, the UperNet
+semantic-segmentation head, and the synthetic ``shapes_*`` datasets (generated lazily, on first use).
 """
 from pathlib import Path
 
 from .adapters import DualLowRankLinear, HighwayAdapter
 from .backbone import E3VASwin, SwinHighway
+from .losa import LoSASideNetwork, LowRankMixer
+from . import modeling  # registers UperNetHead in Detectron2's SEM_SEG_HEADS_REGISTRY
 from .checkpoint import CheckpointReadError, E3VACheckpointer, read_checkpoint_file
 from .data.shapes import register_shapes_datasets
 from .config import add_e3va_config, build_e3va_swin_backbone, build_e3va_swin_fpn_backbone
 from .swin import SWIN_PRESETS, SWIN_PRETRAINED_URLS, build_swin_trunk
 from .trainable import TrainableCheckpointError, load_trainable, save_trainable
-from .tuning import TUNING_METHODS, AdapterSpec, TuningMethod, get_tuning_method
+from .tuning import TUNING_METHODS, AdapterSpec, LoSASpec, TuningMethod, get_tuning_method
 
 register_shapes_datasets()  # cheap: the images are generated on first use
 
@@ -26,6 +28,9 @@ __all__ = [
     "E3VACheckpointer",
     "E3VASwin",
     "HighwayAdapter",
+    "LoSASideNetwork",
+    "LoSASpec",
+    "LowRankMixer",
     "NANO_SWIN_WEIGHTS",
     "SWIN_PRESETS",
     "SWIN_PRETRAINED_URLS",

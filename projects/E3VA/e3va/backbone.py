@@ -12,10 +12,15 @@ where ``A_j`` and ``M_j`` are the adapters beside attention and beside the MLP. 
 ``norm(x_end + d_end)`` (to the FPN); at a stage end the highway crosses the trunk's own frozen patch
 merging, ``d_next = PM(x_end + d_end) - PM(x_end)``. At initialisation every adapter outputs zero, so
 ``d = 0`` everywhere and the backbone returns the trunk's features. See projects/E3VA/README.md.
+
+The highway is one kind of side network; ``tuning="losa"`` runs another, LoSA's low-rank mixers
+(``e3va.losa``), through the same interface (:class:`_SideTaps`): it is fed by hooks on the trunk's
+blocks, carried across stage ends by the same frozen patch merging, and added to the stage outputs.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -24,6 +29,7 @@ from detectron2.modeling.backbone import Backbone
 from torch import nn
 
 from .adapters import HighwayAdapter, saved_input_dtype_of
+from .losa import LoSASideNetwork
 from .swin import build_swin_trunk
 from .tuning import AdapterSpec, TuningMethod, get_tuning_method
 
@@ -81,19 +87,58 @@ class _FrozenDownsampleOfHighway(torch.autograd.Function):
         return grad_y, None, None, None, None
 
 
-class _HighwayTaps:
+class _SideTaps:
+    """A side network run by hooks on the trunk while the trunk runs: the interface ``E3VASwin`` drives.
+
+    For each stage the backbone runs the trunk's stage inside ``with taps.stage(carried):``, where
+    ``carried`` is the side state entering the stage (None for zero), then reads ``taps.end()``, the side
+    state at the stage's end: it is added to the stage's output, and crosses the trunk's frozen patch
+    merging to become the next stage's ``carried``. The hooks run the side network with autograd on, in
+    fp32, inside the trunk's no-grad (and possibly low-precision) pass.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def begin(self, carried: Optional[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def end(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def stage(self, carried: Optional[torch.Tensor]):
+        """Hooks are live inside; the side state starts at ``carried``."""
+        self.begin(carried)
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    @staticmethod
+    @contextlib.contextmanager
+    def side_mode(x: torch.Tensor):
+        """Autograd on and autocast off: the side network stays fp32 even when the trunk is not."""
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            yield
+
+
+class _HighwayTaps(_SideTaps):
     """Feeds the trunk's activations to the highway's adapters while the trunk runs.
 
     A pre-hook on each block gives its input ``x_{j-1}`` to the adapter beside attention; a pre-hook on
     the block's ``norm2`` gives ``h_j`` (the post-attention residual) to the adapter beside the MLP.
     The trunk's code and parameters stay exactly as released. Each adapter runs at once (with autograd
     on, inside the trunk's no-grad pass), so the fp32 activation can be freed as the trunk moves on
-    and only what the adapter saves for backward stays alive.
+    and only what the adapter saves for backward stays alive. The adapters are parallel: their outputs
+    are summed, and the state entering the stage is added at the end, ``d_end = d_start + sum``.
     """
 
     def __init__(self, trunk: nn.Module, highway: SwinHighway) -> None:
+        super().__init__()
         self.total: Optional[torch.Tensor] = None
-        self.active = False
+        self.carried: Optional[torch.Tensor] = None
         for stage, attn_adapters, mlp_adapters in zip(trunk.layers, highway.beside_attn, highway.beside_mlp):
             for block, beside_attn, beside_mlp in zip(stage.blocks, attn_adapters, mlp_adapters):
                 block.register_forward_pre_hook(self._feed(beside_attn))
@@ -102,21 +147,49 @@ class _HighwayTaps:
     def _feed(self, adapter: nn.Module):
         def hook(module: nn.Module, args) -> None:
             if self.active:
-                # The highway stays in fp32 with autograd even when the trunk runs in low precision.
-                with torch.enable_grad(), torch.autocast(args[0].device.type, enabled=False):
+                with self.side_mode(args[0]):
                     out = adapter(args[0].float())
                     self.total = out if self.total is None else self.total + out
 
         return hook
 
-    @contextlib.contextmanager
-    def collect(self):
-        """Sums, over what runs inside, the outputs of the adapters it reaches; read ``total`` after."""
-        self.total, self.active = None, True
-        try:
-            yield self
-        finally:
-            self.active = False
+    def begin(self, carried: Optional[torch.Tensor]) -> None:
+        self.carried, self.total = carried, None
+
+    def end(self) -> torch.Tensor:
+        delta = self.total if self.carried is None else self.carried + self.total
+        self.carried = self.total = None
+        return delta
+
+
+class _LoSATaps(_SideTaps):
+    """Runs LoSA's side network: a forward hook on each block reads its output ``b_l`` and refines the
+    state, ``a_l = a_{l-1} + g_l(b_l + a_{l-1})``, while the trunk moves on (``e3va.losa``)."""
+
+    def __init__(self, trunk: nn.Module, side: LoSASideNetwork) -> None:
+        super().__init__()
+        self.side = side
+        self.state: Optional[torch.Tensor] = None
+        for stage, mixers in zip(trunk.layers, side.mixers):
+            for block, mixer in zip(stage.blocks, mixers):
+                block.register_forward_hook(self._refine(mixer))
+
+    def _refine(self, mixer: nn.Module):
+        def hook(block: nn.Module, args, output: torch.Tensor) -> None:
+            if self.active:
+                with self.side_mode(output):
+                    self.state = self.side.refine(
+                        mixer, output.float(), self.state, block.H, block.W, block.window_size
+                    )
+
+        return hook
+
+    def begin(self, carried: Optional[torch.Tensor]) -> None:
+        self.state = carried
+
+    def end(self) -> torch.Tensor:
+        state, self.state = self.state, None
+        return state
 
 
 class E3VASwin(Backbone):
@@ -131,10 +204,11 @@ class E3VASwin(Backbone):
         drop_path_rate: stochastic depth of the trunk.
         out_features: which of ``p0..p3`` to return.
         rank, bottleneck_ratio, activation: override the method's adapter shape (``rank`` also sets
-            LoRA's rank).
-        fused_adapters: run adapters, and the patch merging the highway crosses, through memory-lean
-            autograd functions that store only their input and recompute the rest in backward (same
-            outputs and gradients as the plain graph, see ``e3va.adapters``); False for the plain graph.
+            LoRA's rank, and LoSA's mixer rank; LoSA takes ``rank`` and ``activation``).
+        fused_adapters: run adapters (or LoSA's mixers), and the patch merging the side network crosses,
+            through memory-lean autograd functions that store only their input and recompute the rest in
+            backward (same outputs and gradients as the plain graph, see ``e3va.adapters`` and
+            ``e3va.losa``); False for the plain graph.
         saved_input_dtype: how those functions store their input for backward: "bfloat16" or "float32".
         trunk_dtype: "bfloat16" (or "float16", CUDA only) runs a frozen trunk under autocast; it needs no
             fp32 autograd. The highway, the output norms and the patch merging it crosses stay fp32.
@@ -171,6 +245,7 @@ class E3VASwin(Backbone):
         depths = [len(stage.blocks) for stage in self.trunk.layers]
 
         spec = self.method.highway
+        losa_spec = self.method.losa
         overrides = {k: v for k, v in dict(rank=rank, bottleneck_ratio=bottleneck_ratio,
                                            activation=activation).items() if v is not None}
         if self.method.inject is not None:
@@ -178,6 +253,11 @@ class E3VASwin(Backbone):
                 self.method.inject(self.trunk, rank=overrides.pop("rank"))
             else:
                 self.method.inject(self.trunk)
+        if overrides and losa_spec is not None:
+            unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(losa_spec)})
+            if unknown:
+                raise ValueError(f"tuning={tuning!r} takes `rank` and `activation` only, not {unknown}.")
+            losa_spec, overrides = dataclasses.replace(losa_spec, **overrides), {}
         if overrides:
             if spec is None:
                 raise ValueError(
@@ -188,12 +268,19 @@ class E3VASwin(Backbone):
         self._fused = fused_adapters
         self._saved_dtype = saved_input_dtype_of(saved_input_dtype)
         self.highway: Optional[SwinHighway] = None
-        self._taps: Optional[_HighwayTaps] = None
+        self.losa: Optional[LoSASideNetwork] = None
+        self._taps: Optional[_SideTaps] = None  # the side network's hooks on the trunk, if any
         if spec is not None:
             self.highway = SwinHighway(
                 stage_dims, depths, spec, fused=fused_adapters, saved_input_dtype=saved_input_dtype
             )
             self._taps = _HighwayTaps(self.trunk, self.highway)
+        elif losa_spec is not None:
+            self.losa = LoSASideNetwork(
+                stage_dims, depths, window_size, losa_spec.rank, losa_spec.activation,
+                fused=fused_adapters, saved_input_dtype=saved_input_dtype,
+            )
+            self._taps = _LoSATaps(self.trunk, self.losa)
 
         self._freeze_trunk()
         self._out_feature_channels = {f"p{i}": stage_dims[i] for i in range(4)}
@@ -263,18 +350,16 @@ class E3VASwin(Backbone):
         wanted = {int(f[1:]) for f in self._out_features}
         last = max(wanted)
         outputs: Dict[str, torch.Tensor] = {}
-        carried: Optional[torch.Tensor] = None  # the highway's state entering the stage
+        carried: Optional[torch.Tensor] = None  # the side network's state entering the stage
         for i, stage in enumerate(trunk.layers[: last + 1]):
-            collect = self._taps.collect() if self._taps else contextlib.nullcontext()
-            with trunk_grad, trunk_ctx(), collect:
+            side = self._taps.stage(carried) if self._taps else contextlib.nullcontext()
+            with trunk_grad, trunk_ctx(), side:
                 x_out, H, W, tokens, Wh, Ww = stage(tokens, Wh, Ww)
             y = x_out = x_out.float()
             if self._taps is not None:
-                delta = self._taps.total if carried is None else carried + self._taps.total
-                self._taps.total = None
-                y = x_out + delta
+                y = x_out + self._taps.end()
                 if stage.downsample is not None and i < last:
-                    # Frozen patch merging, with autograd for the highway's share of its input only.
+                    # Frozen patch merging, with autograd for the side network's share of its input only.
                     carried = self._downsample_highway(stage.downsample, y, H, W) - tokens
             if i in wanted:
                 out = self.out_norm(i)(y)

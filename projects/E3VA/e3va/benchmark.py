@@ -614,7 +614,7 @@ def write_markdown(
 def _bar_color(method: str) -> str:
     if method.startswith("e3va"):
         return "tab:red"
-    return {"full": "tab:blue", "fixed": "tab:gray"}.get(method, "tab:olive")
+    return {"full": "tab:blue", "fixed": "tab:gray", "losa": "tab:purple"}.get(method, "tab:olive")
 
 
 def plot_results(records: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:

@@ -10,7 +10,14 @@ from typing import Callable, Dict, Optional
 
 from . import trunk_tuners
 
-__all__ = ["AdapterSpec", "TuningMethod", "TUNING_METHODS", "get_tuning_method", "register_tuning_method"]
+__all__ = [
+    "AdapterSpec",
+    "LoSASpec",
+    "TuningMethod",
+    "TUNING_METHODS",
+    "get_tuning_method",
+    "register_tuning_method",
+]
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,18 @@ class AdapterSpec:
             raise ValueError(f"bottleneck_ratio must be > 0, got {self.bottleneck_ratio!r}.")
 
 
+@dataclass(frozen=True)
+class LoSASpec:
+    """Shape of every LoSA low-rank mixer: hidden width ``rank`` of its token- and channel-mixing MLPs."""
+
+    rank: int
+    activation: str = "gelu"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoSA rank must be a positive integer, got {self.rank!r}.")
+
+
 def _no_trunk_parameter(name: str) -> bool:
     return False
 
@@ -43,6 +62,7 @@ class TuningMethod:
     Attributes:
         name: the name used in configs.
         highway: the adapters of the E3VA highway, or None for no highway.
+        losa: the low-rank mixers of a LoSA side network (``e3va.losa``), or None for none.
         trunk_trainable: predicate on a trunk parameter's name (as in ``SwinTransformer.named_parameters``,
             without the output norms); the trunk runs under autograd only if it selects some parameter.
         train_out_norms: whether the norms between the backbone and the FPN train.
@@ -52,6 +72,7 @@ class TuningMethod:
 
     name: str
     highway: Optional[AdapterSpec] = None
+    losa: Optional[LoSASpec] = None
     trunk_trainable: Callable[[str], bool] = _no_trunk_parameter
     train_out_norms: bool = False
     inject: Optional[Callable[..., None]] = None
@@ -131,3 +152,7 @@ register_tuning_method(
 register_tuning_method(TuningMethod("e3va", highway=AdapterSpec(rank=8), train_out_norms=True))
 register_tuning_method(TuningMethod("e3va_plus", highway=AdapterSpec(rank=16), train_out_norms=True))
 register_tuning_method(TuningMethod("e3va_plusplus", highway=AdapterSpec(rank=32), train_out_norms=True))
+
+# LoSA (Mercea et al., CVPR 2024): a side network of low-rank mixers beside the frozen trunk. Rank 45 gives
+# 1.21 M trainable parameters on Swin-B (window 7, output norms included), e3va's budget (1.20 M).
+register_tuning_method(TuningMethod("losa", losa=LoSASpec(rank=45), train_out_norms=True))

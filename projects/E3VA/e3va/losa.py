@@ -1,0 +1,181 @@
+"""LoSA, the low-rank side network (Mercea et al., CVPR 2024), beside a frozen Swin trunk.
+
+The trunk's block outputs ``b_l`` are computed without autograd; a side state starts at zero and is
+refined block by block,
+
+    a_l = a_{l-1} + g_l(b_l + a_{l-1}),
+
+and the head reads ``b_L + a_L``. ``g_l`` is a low-rank mixer (:class:`LowRankMixer`): a token-mixing
+MLP then a channel-mixing MLP, each ``d -> r -> d`` and residual, with zero-initialised last
+projections, so ``g_l = 0`` and the backbone returns the trunk's features at initialisation.
+
+On Swin the state lives per stage, crosses the trunk's frozen patch merging at stage ends as E3VA's
+highway does, and tokens are mixed within the trunk's own ``window_size x window_size`` windows, which
+keeps the token count fixed for any input size. See projects/E3VA/README.md ("LoSA").
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import ACTIVATIONS, saved_input_dtype_of
+
+__all__ = ["LowRankMLP", "LowRankMixer", "LoSASideNetwork"]
+
+
+class LowRankMLP(nn.Module):
+    """``fc2(act(fc1(x)))`` along the last dimension, ``dim -> rank -> dim``; ``fc2`` starts at zero."""
+
+    def __init__(self, dim: int, rank: int, activation: str = "gelu") -> None:
+        super().__init__()
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}.")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}.")
+        self.fc1 = nn.Linear(dim, rank)
+        self.act = ACTIVATIONS[activation]()
+        self.fc2 = nn.Linear(rank, dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LowRankMixer(nn.Module):
+    """LoSA's ``g``: token mixing then channel mixing, each a residual low-rank MLP.
+
+    For ``z`` of shape ``(..., N, C)`` (``N = num_tokens``)::
+
+        u = z + T(z)       T mixes the N tokens of each channel (N -> r -> N)
+        v = u + M(u)       M mixes the C channels of each token (C -> r -> C)
+
+    and the mixer returns the update ``g(z) = v - z = T(z) + M(u)``, which is exactly zero at
+    initialisation (both last projections start at zero).
+    """
+
+    def __init__(self, dim: int, num_tokens: int, rank: int, activation: str = "gelu") -> None:
+        super().__init__()
+        self.dim, self.num_tokens = dim, num_tokens
+        self.token_mlp = LowRankMLP(num_tokens, rank, activation)
+        self.channel_mlp = LowRankMLP(dim, rank, activation)
+
+    def _expected(self) -> str:
+        side = math.isqrt(self.num_tokens)
+        window = f" (a {side}x{side} window)" if side * side == self.num_tokens else ""
+        return f"(..., {self.num_tokens}, {self.dim}): {self.num_tokens} tokens{window} of {self.dim} channels"
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() < 2 or z.shape[-2:] != (self.num_tokens, self.dim):
+            raise ValueError(f"LowRankMixer expects inputs of shape {self._expected()}, got {tuple(z.shape)}.")
+        t = self.token_mlp(z.transpose(-1, -2)).transpose(-1, -2)
+        return t + self.channel_mlp(z + t)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_tokens={self.num_tokens}, rank={self.token_mlp.fc1.out_features}"
+
+
+def mix_in_windows(mixer: LowRankMixer, x: torch.Tensor, H: int, W: int, window_size: int) -> torch.Tensor:
+    """``mixer`` on each ``window_size x window_size`` window of ``x`` (B, H*W, C), as Swin partitions.
+
+    The map is padded with zeros to a multiple of the window (bottom and right, as Swin pads) and the
+    result cropped back. A zero token adds nothing to a token-mixing projection, so the padding does not
+    change what the real tokens receive.
+    """
+    if window_size * window_size != mixer.num_tokens:
+        raise ValueError(
+            f"The trunk's window is {window_size}x{window_size} ({window_size * window_size} tokens), but this "
+            f"LoSA mixer expects {mixer._expected()}; build the backbone with the window size its LoSA "
+            "weights were trained with."
+        )
+    B, L, C = x.shape
+    if L != H * W:
+        raise ValueError(f"Expected {H}x{W}={H * W} tokens, got {L}.")
+    w = window_size
+    pad_b, pad_r = (-H) % w, (-W) % w
+    x = F.pad(x.reshape(B, H, W, C), (0, 0, 0, pad_r, 0, pad_b))
+    Hp, Wp = H + pad_b, W + pad_r
+    windows = x.view(B, Hp // w, w, Wp // w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, C)
+    out = mixer(windows)
+    out = out.view(B, Hp // w, Wp // w, w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+    return out[:, :H, :W].reshape(B, H * W, C)
+
+
+class _RecomputedFromCompactInput(torch.autograd.Function):
+    """``fn(z)``, keeping only ``z`` (in ``saved_dtype``) for backward and running ``fn`` again there.
+
+    A plain graph of a mixer keeps, per block, its fp32 input, the transposed copies and both MLPs'
+    hidden activations. Here only ``z`` is kept (bfloat16 by default: half an fp32 block output);
+    ``params`` are ``fn``'s trainable parameters, passed so that autograd returns their gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, saved_dtype, z, *params):
+        ctx.fn, ctx.params, ctx.compute_dtype = fn, params, z.dtype
+        ctx.save_for_backward(z.to(saved_dtype))
+        with torch.no_grad():
+            return fn(z)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (z,) = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        with torch.enable_grad(), torch.autocast(grad_out.device.type, enabled=False):
+            z = z.to(ctx.compute_dtype).detach().requires_grad_(needs[0])
+            out = ctx.fn(z)
+        inputs = [t for t, need in zip((z, *ctx.params), needs) if need]
+        grads = iter(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
+        return (None, None, *[next(grads) if need else None for need in needs])
+
+
+class LoSASideNetwork(nn.Module):
+    """The trainable LoSA side network on a Swin trunk: one :class:`LowRankMixer` per block, by stage.
+
+    ``refine`` computes one step ``a_l = a_{l-1} + g_l(b_l + a_{l-1})``; ``E3VASwin`` calls it from a
+    forward hook on each trunk block while the trunk runs without autograd.
+
+    Args:
+        stage_dims, depths: the trunk's stage widths and block counts.
+        window_size: the trunk's window; each mixer mixes ``window_size ** 2`` tokens.
+        rank: hidden width of both MLPs of every mixer.
+        fused: run each mixer through a function that keeps only its input (``saved_input_dtype``) for
+            backward and recomputes the rest there; False for the plain autograd graph.
+    """
+
+    def __init__(
+        self,
+        stage_dims: Sequence[int],
+        depths: Sequence[int],
+        window_size: int,
+        rank: int,
+        activation: str = "gelu",
+        *,
+        fused: bool = True,
+        saved_input_dtype: str = "bfloat16",
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.fused = fused
+        self.saved_dtype = saved_input_dtype_of(saved_input_dtype)
+        self.mixers = nn.ModuleList(
+            nn.ModuleList(LowRankMixer(dim, window_size**2, rank, activation) for _ in range(depth))
+            for dim, depth in zip(stage_dims, depths)
+        )
+
+    def refine(
+        self, mixer: LowRankMixer, b: torch.Tensor, state: Optional[torch.Tensor], H: int, W: int, window_size: int
+    ) -> torch.Tensor:
+        """``a + g(b + a)`` (``a = 0`` when ``state`` is None) for a block output ``b`` of shape (B, H*W, C)."""
+        z = b if state is None else b + state
+        fn = functools.partial(mix_in_windows, mixer, H=H, W=W, window_size=window_size)
+        params = [p for p in mixer.parameters() if p.requires_grad]
+        if self.fused and torch.is_grad_enabled() and (z.requires_grad or params):
+            g = _RecomputedFromCompactInput.apply(fn, self.saved_dtype, z, *params)
+        else:
+            g = fn(z)
+        return g if state is None else state + g

@@ -1,0 +1,169 @@
+"""LoSA's side network on the Swin trunk: identity at initialisation, what trains, what autograd keeps."""
+import pytest
+import torch
+from detectron2.utils.events import EventStorage
+
+from e3va import E3VASwin, LowRankMixer
+from e3va.losa import mix_in_windows
+from helpers import synthetic_batch, tiny_detector
+from test_backbone import _bytes_saved_for_backward, _outputs_and_grads, _trunk_outputs_during_training_step
+
+NORMS = {f"trunk.norm{i}.{w}" for i in range(4) for w in ("weight", "bias")}
+
+
+def _perturb(model, scale=0.05, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.losa.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def test_losa_starts_as_the_identity():
+    torch.manual_seed(0)
+    losa = E3VASwin("nano", tuning="losa", drop_path_rate=0.0).eval()
+    fixed = E3VASwin("nano", tuning="fixed", drop_path_rate=0.0).eval()
+    missing, unexpected = fixed.load_state_dict(losa.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("losa.") for k in unexpected)
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        a, b = losa(x), fixed(x)
+    assert a.keys() == b.keys() == {"p0", "p1", "p2", "p3"}
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_perturbed_side_network_changes_outputs_and_only_it_learns():
+    torch.manual_seed(0)
+    model = E3VASwin("nano", tuning="losa", drop_path_rate=0.0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = {k: v.clone() for k, v in model(x).items()}
+    _perturb(model)
+    out = model(x)
+    for name in out:  # every level changes, p0 included (the side state starts in stage 0)
+        assert (out[name] - before[name]).abs().max() > 1e-3, name
+    sum(v.square().mean() for v in out.values()).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.losa.named_parameters(prefix="losa")} | NORMS
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, f"frozen {name} received a gradient"
+
+
+def test_zero_initialised_last_projections_learn_at_the_first_step():
+    model = E3VASwin("nano", tuning="losa")
+    sum(v.square().mean() for v in model(torch.randn(1, 3, 64, 64)).values()).backward()
+    mixer = model.losa.mixers[1][0]
+    assert mixer.channel_mlp.fc2.weight.grad.abs().sum() > 0
+    assert mixer.token_mlp.fc2.weight.grad.abs().sum() > 0
+
+
+def test_trunk_runs_without_autograd_and_little_is_kept_for_backward():
+    model = E3VASwin("nano", tuning="losa").train()
+    out, trunk_outputs = _trunk_outputs_during_training_step(model)
+    assert len(trunk_outputs) > 50
+    assert all(t.grad_fn is None and not t.requires_grad for t in trunk_outputs)
+    assert all(v.requires_grad for v in out.values())
+    x = torch.randn(2, 3, 96, 96)
+    saved = {
+        key: _bytes_saved_for_backward(E3VASwin("nano", tuning=tuning, fused_adapters=fused).train(), x)
+        for key, tuning, fused in [("full", "full", True), ("plain", "losa", False), ("fused", "losa", True)]
+    }
+    assert saved["fused"] < 0.5 * saved["plain"] and saved["fused"] < 0.25 * saved["full"], saved
+
+
+@pytest.mark.parametrize("saved_input_dtype, rtol", [("float32", 1e-4), ("bfloat16", 3e-2)])
+def test_fused_mixers_match_the_plain_graph(saved_input_dtype, rtol):
+    torch.manual_seed(0)
+    plain = E3VASwin("nano", tuning="losa", drop_path_rate=0.0, fused_adapters=False).eval()
+    fused = E3VASwin("nano", tuning="losa", drop_path_rate=0.0, saved_input_dtype=saved_input_dtype).eval()
+    _perturb(plain, scale=0.02)
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 72, 56)
+    out_p, grads_p = _outputs_and_grads(plain, x)
+    out_f, grads_f = _outputs_and_grads(fused, x)
+    for k in out_p:
+        torch.testing.assert_close(out_f[k], out_p[k], rtol=1e-4, atol=1e-5)
+    assert grads_p.keys() == grads_f.keys() and len(grads_p) > 30
+    for name in grads_p:
+        scale = grads_p[name].abs().max().clamp_min(1e-12)
+        assert (grads_f[name] - grads_p[name]).abs().max() <= rtol * scale, name
+
+
+@pytest.mark.parametrize("height, width", [(64, 80), (96, 96), (70, 45)])
+def test_any_input_size_and_output_shape(height, width):
+    model = E3VASwin("nano", tuning="losa")
+    _perturb(model)
+    out = model(torch.randn(1, 3, height, width))
+    for name, spec in model.output_shape().items():
+        assert out[name].shape == (1, spec.channels, -(-height // spec.stride), -(-width // spec.stride)), name
+    sum(v.sum() for v in out.values()).backward()
+
+
+def test_windows_are_padded_and_cropped_like_swin():
+    """Mixing in windows is the mixer on each window; padded tokens do not reach the real ones."""
+    torch.manual_seed(0)
+    mixer = LowRankMixer(8, 4, rank=3)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(1, 3 * 3, 8)  # a 3x3 map, windows of 2x2: padded to 4x4
+    out = mix_in_windows(mixer, x, 3, 3, 2)
+    grid = x.view(3, 3, 8)
+    top_left = grid[:2, :2].reshape(1, 4, 8)
+    torch.testing.assert_close(out.view(3, 3, 8)[:2, :2].reshape(1, 4, 8), mixer(top_left))
+    corner = torch.zeros(2, 2, 8)  # the bottom-right window holds one real token and three zeros
+    corner[0, 0] = grid[2, 2]
+    torch.testing.assert_close(out.view(3, 3, 8)[2, 2], mixer(corner.view(1, 4, 8))[0, 0])
+
+
+def test_token_count_mismatch_names_the_expected_size():
+    mixer = LowRankMixer(32, 49, rank=4)
+    with pytest.raises(ValueError, match=r"49 tokens \(a 7x7 window\) of 32 channels.*\(2, 144, 32\)"):
+        mixer(torch.randn(2, 144, 32))
+    with pytest.raises(ValueError, match=r"window is 12x12 \(144 tokens\).*49 tokens \(a 7x7 window\)"):
+        mix_in_windows(mixer, torch.randn(1, 24 * 24, 32), 24, 24, window_size=12)
+    with pytest.raises(ValueError, match="of 32 channels.*got \\(2, 49, 16\\)"):
+        mixer(torch.randn(2, 49, 16))
+
+
+def test_rank_and_activation_overrides():
+    model = E3VASwin("nano", tuning="losa", rank=4, activation="relu")
+    mixer = model.losa.mixers[2][1]
+    assert mixer.channel_mlp.fc1.weight.shape == (4, 128) and mixer.token_mlp.fc1.weight.shape == (4, 49)
+    assert isinstance(mixer.channel_mlp.act, torch.nn.ReLU)
+    assert E3VASwin("nano", tuning="losa", window_size=12).losa.mixers[0][0].num_tokens == 144
+    with pytest.raises(ValueError, match="'losa' takes `rank` and `activation` only.*bottleneck_ratio"):
+        E3VASwin("nano", tuning="losa", bottleneck_ratio=0.25)
+    with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
+        E3VASwin("nano", tuning="losa", rank=0)
+
+
+def test_bfloat16_trunk_keeps_the_side_network_in_fp32():
+    model = E3VASwin("nano", tuning="losa", trunk_dtype="bfloat16")
+    _perturb(model)
+    out = model(torch.randn(1, 3, 64, 64))
+    assert all(v.dtype == torch.float32 for v in out.values())
+    sum(v.sum() for v in out.values()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.losa.parameters())
+
+
+def test_mask_rcnn_trains_a_step_with_losa():
+    torch.manual_seed(0)
+    model = tiny_detector("common/models/mask_rcnn_swin_e3va.py", tuning="losa").train()
+    backbone = model.backbone.bottom_up
+    with EventStorage():
+        losses = model(synthetic_batch(size=64))
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    for name, p in backbone.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+    assert any(p.grad.abs().sum() > 0 for p in backbone.losa.parameters())
+
+
+def test_rank_preset_matches_the_e3va_budget_on_swin_b():
+    """Rank 45 gives Swin-B 1.21 M trainable parameters (e3va: 1.20 M), as projects/E3VA/README.md says."""
+    model = E3VASwin("B", tuning="losa")
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1_207_928
