@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DualLowRankLinear", "HighwayAdapter", "ACTIVATIONS", "SAVED_INPUT_DTYPES", "saved_input_dtype_of"]
+__all__ = [
+    "ACTIVATIONS",
+    "SAVED_INPUT_DTYPES",
+    "DualLowRankLinear",
+    "HighwayAdapter",
+    "RecomputedFromCompactInput",
+    "saved_input_dtype_of",
+]
 
 SAVED_INPUT_DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -160,3 +167,32 @@ class HighwayAdapter(nn.Module):
         return _LowRankAdapterFunction.apply(
             x, v_down, u_down, self.down.bias, v_up, u_up, self.up.bias, self.act, self.saved_dtype
         )
+
+
+class RecomputedFromCompactInput(torch.autograd.Function):
+    """``fn(z)``, keeping only ``z`` (in ``saved_dtype``) for backward and running ``fn`` again there.
+
+    For cheap layers beside a frozen trunk, whose plain graph would keep several fp32 intermediates: LoSA's
+    mixers (their input, transposed copies and hidden activations) and the frozen patch merging the side
+    network crosses (its LayerNorm's and reduction's inputs). Only ``z`` is kept (bfloat16 halves an fp32
+    input); ``params`` are ``fn``'s trainable parameters, passed so that autograd returns their gradients
+    (none for a frozen layer).
+    """
+
+    @staticmethod
+    def forward(ctx, fn, saved_dtype, z, *params):
+        ctx.fn, ctx.params, ctx.compute_dtype = fn, params, z.dtype
+        ctx.save_for_backward(z.to(saved_dtype))
+        with torch.no_grad():
+            return fn(z)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (z,) = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        with torch.enable_grad(), torch.autocast(grad_out.device.type, enabled=False):
+            z = z.to(ctx.compute_dtype).detach().requires_grad_(needs[0])
+            out = ctx.fn(z)
+        inputs = [t for t, need in zip((z, *ctx.params), needs) if need]
+        grads = iter(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
+        return (None, None, *[next(grads) if need else None for need in needs])

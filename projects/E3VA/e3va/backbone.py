@@ -28,7 +28,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import Backbone
 from torch import nn
 
-from .adapters import HighwayAdapter, saved_input_dtype_of
+from .adapters import HighwayAdapter, RecomputedFromCompactInput, saved_input_dtype_of
 from .losa import LoSASideNetwork
 from .swin import build_swin_trunk
 from .tuning import AdapterSpec, TuningMethod, get_tuning_method
@@ -61,30 +61,6 @@ class SwinHighway(nn.Module):
             )
             self.beside_attn.append(nn.ModuleList([make() for _ in range(depth)]))
             self.beside_mlp.append(nn.ModuleList([make() for _ in range(depth)]))
-
-
-class _FrozenDownsampleOfHighway(torch.autograd.Function):
-    """``downsample(y, H, W)`` of a frozen patch merging, keeping only ``y`` (in ``saved_dtype``).
-
-    Autograd would keep the merged LayerNorm's input and the reduction's input: twice ``y``'s size,
-    in fp32. Here the cheap layer is run again in backward, from ``y`` stored compactly; the layer's
-    parameters are frozen, so only ``y``'s gradient is returned.
-    """
-
-    @staticmethod
-    def forward(ctx, y, downsample, H, W, saved_dtype):
-        ctx.downsample, ctx.size, ctx.compute_dtype = downsample, (H, W), y.dtype
-        ctx.save_for_backward(y.to(saved_dtype))
-        with torch.no_grad():
-            return downsample(y, H, W)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (y,) = ctx.saved_tensors
-        with torch.enable_grad():
-            y = y.to(ctx.compute_dtype).detach().requires_grad_()
-            (grad_y,) = torch.autograd.grad(ctx.downsample(y, *ctx.size), y, grad_out)
-        return grad_y, None, None, None, None
 
 
 class _SideTaps:
@@ -329,7 +305,8 @@ class E3VASwin(Backbone):
     def _downsample_highway(self, downsample: nn.Module, y: torch.Tensor, H: int, W: int) -> torch.Tensor:
         frozen = not any(p.requires_grad for p in downsample.parameters())
         if self._fused and frozen and y.requires_grad:
-            return _FrozenDownsampleOfHighway.apply(y, downsample, H, W, self._saved_dtype)
+            # Only y is kept (compactly); the cheap frozen layer runs again in backward.
+            return RecomputedFromCompactInput.apply(lambda t: downsample(t, H, W), self._saved_dtype, y)
         return downsample(y, H, W)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:

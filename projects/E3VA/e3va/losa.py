@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import ACTIVATIONS, saved_input_dtype_of
+from .adapters import ACTIVATIONS, RecomputedFromCompactInput, saved_input_dtype_of
 
 __all__ = ["LowRankMLP", "LowRankMixer", "LoSASideNetwork"]
 
@@ -106,33 +106,6 @@ def mix_in_windows(mixer: LowRankMixer, x: torch.Tensor, H: int, W: int, window_
     return out[:, :H, :W].reshape(B, H * W, C)
 
 
-class _RecomputedFromCompactInput(torch.autograd.Function):
-    """``fn(z)``, keeping only ``z`` (in ``saved_dtype``) for backward and running ``fn`` again there.
-
-    A plain graph of a mixer keeps, per block, its fp32 input, the transposed copies and both MLPs'
-    hidden activations. Here only ``z`` is kept (bfloat16 by default: half an fp32 block output);
-    ``params`` are ``fn``'s trainable parameters, passed so that autograd returns their gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, fn, saved_dtype, z, *params):
-        ctx.fn, ctx.params, ctx.compute_dtype = fn, params, z.dtype
-        ctx.save_for_backward(z.to(saved_dtype))
-        with torch.no_grad():
-            return fn(z)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (z,) = ctx.saved_tensors
-        needs = ctx.needs_input_grad[2:]
-        with torch.enable_grad(), torch.autocast(grad_out.device.type, enabled=False):
-            z = z.to(ctx.compute_dtype).detach().requires_grad_(needs[0])
-            out = ctx.fn(z)
-        inputs = [t for t, need in zip((z, *ctx.params), needs) if need]
-        grads = iter(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
-        return (None, None, *[next(grads) if need else None for need in needs])
-
-
 class LoSASideNetwork(nn.Module):
     """The trainable LoSA side network on a Swin trunk: one :class:`LowRankMixer` per block, by stage.
 
@@ -175,7 +148,7 @@ class LoSASideNetwork(nn.Module):
         fn = functools.partial(mix_in_windows, mixer, H=H, W=W, window_size=window_size)
         params = [p for p in mixer.parameters() if p.requires_grad]
         if self.fused and torch.is_grad_enabled() and (z.requires_grad or params):
-            g = _RecomputedFromCompactInput.apply(fn, self.saved_dtype, z, *params)
+            g = RecomputedFromCompactInput.apply(fn, self.saved_dtype, z, *params)
         else:
             g = fn(z)
         return g if state is None else state + g
