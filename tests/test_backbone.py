@@ -227,13 +227,16 @@ def _outputs_and_grads(model, x):
     return {k: v.detach() for k, v in out.items()}, grads
 
 
+@pytest.mark.parametrize("tuning, min_grads", [("e3va", 40), ("losa", 30)])
 @pytest.mark.parametrize("saved_input_dtype, rtol", [("float32", 1e-4), ("bfloat16", 3e-2)])
-def test_fused_adapters_match_the_plain_graph(saved_input_dtype, rtol):
+def test_fused_side_networks_match_the_plain_graph(tuning, min_grads, saved_input_dtype, rtol):
+    """E3VA's adapters and LoSA's mixers, and the patch merging they cross, against plain autograd."""
     torch.manual_seed(0)
-    plain = E3VASwin("nano", tuning="e3va", drop_path_rate=0.0, fused_adapters=False).eval()
-    fused = E3VASwin("nano", tuning="e3va", drop_path_rate=0.0, saved_input_dtype=saved_input_dtype).eval()
-    with torch.no_grad():  # non-zero up-projections, so every gradient path is exercised
-        for p in plain.highway.parameters():
+    plain = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0, fused_adapters=False).eval()
+    fused = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0, saved_input_dtype=saved_input_dtype).eval()
+    side = plain.highway if plain.highway is not None else plain.losa
+    with torch.no_grad():  # non-zero last projections, so every gradient path is exercised
+        for p in side.parameters():
             p.add_(0.02 * torch.randn_like(p))
     fused.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 72, 56)
@@ -241,7 +244,7 @@ def test_fused_adapters_match_the_plain_graph(saved_input_dtype, rtol):
     out_f, grads_f = _outputs_and_grads(fused, x)
     for k in out_p:
         torch.testing.assert_close(out_f[k], out_p[k], rtol=1e-4, atol=1e-5)
-    assert grads_p.keys() == grads_f.keys() and len(grads_p) > 40
+    assert grads_p.keys() == grads_f.keys() and len(grads_p) > min_grads
     for name in grads_p:
         scale = grads_p[name].abs().max().clamp_min(1e-12)
         assert (grads_f[name] - grads_p[name]).abs().max() <= rtol * scale, name

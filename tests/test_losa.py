@@ -6,7 +6,7 @@ from detectron2.utils.events import EventStorage
 from e3va import E3VASwin, LowRankMixer
 from e3va.losa import mix_in_windows
 from helpers import synthetic_batch, tiny_detector
-from test_backbone import _bytes_saved_for_backward, _outputs_and_grads, _trunk_outputs_during_training_step
+from test_backbone import _bytes_saved_for_backward, _trunk_outputs_during_training_step
 
 NORMS = {f"trunk.norm{i}.{w}" for i in range(4) for w in ("weight", "bias")}
 
@@ -72,24 +72,6 @@ def test_trunk_runs_without_autograd_and_little_is_kept_for_backward():
         for key, tuning, fused in [("full", "full", True), ("plain", "losa", False), ("fused", "losa", True)]
     }
     assert saved["fused"] < 0.5 * saved["plain"] and saved["fused"] < 0.25 * saved["full"], saved
-
-
-@pytest.mark.parametrize("saved_input_dtype, rtol", [("float32", 1e-4), ("bfloat16", 3e-2)])
-def test_fused_mixers_match_the_plain_graph(saved_input_dtype, rtol):
-    torch.manual_seed(0)
-    plain = E3VASwin("nano", tuning="losa", drop_path_rate=0.0, fused_adapters=False).eval()
-    fused = E3VASwin("nano", tuning="losa", drop_path_rate=0.0, saved_input_dtype=saved_input_dtype).eval()
-    _perturb(plain, scale=0.02)
-    fused.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 72, 56)
-    out_p, grads_p = _outputs_and_grads(plain, x)
-    out_f, grads_f = _outputs_and_grads(fused, x)
-    for k in out_p:
-        torch.testing.assert_close(out_f[k], out_p[k], rtol=1e-4, atol=1e-5)
-    assert grads_p.keys() == grads_f.keys() and len(grads_p) > 30
-    for name in grads_p:
-        scale = grads_p[name].abs().max().clamp_min(1e-12)
-        assert (grads_f[name] - grads_p[name]).abs().max() <= rtol * scale, name
 
 
 @pytest.mark.parametrize("height, width", [(64, 80), (96, 96), (70, 45)])
