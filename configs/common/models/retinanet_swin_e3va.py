@@ -10,18 +10,11 @@ from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
-from e3va import E3VASwin
-
+from .e3va_swin import e3va_swin
 from .swin_input import use_swin_input
 
 model = use_swin_input(model_zoo.get_config("common/models/retinanet.py").model)
-model.backbone.bottom_up = L(E3VASwin)(
-    size="T",
-    tuning="e3va",
-    window_size=7,
-    drop_path_rate=0.2,
-    out_features=("p1", "p2", "p3"),
-)
+model.backbone.bottom_up = e3va_swin(out_features=("p1", "p2", "p3"))
 model.backbone.in_features = "${.bottom_up.out_features}"
 # FPN.forward looks ``in_feature`` up among the bottom-up outputs first, then among its own. "p5" is
 # not a Swin output name (those are p0..p3, where the Swin's "p3" is stride 32, not the FPN's stride-8

@@ -21,20 +21,15 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import FPN, SemanticSegmentor
 from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 
-from e3va import E3VASwin
 from e3va.modeling import IdentityNeck, UperNetHead, swin_output_shape
+
+from .e3va_swin import e3va_swin
 
 _constants = model_zoo.get_config("common/data/constants.py").constants
 
 
-def _swin(**kwargs):
-    return L(E3VASwin)(
-        size="T", tuning="e3va", window_size=7, drop_path_rate=0.2, out_features=("p0", "p1", "p2", "p3"), **kwargs
-    )
-
-
 model = L(SemanticSegmentor)(
-    backbone=L(IdentityNeck)(bottom_up=_swin(), in_features="${.bottom_up.out_features}"),
+    backbone=L(IdentityNeck)(bottom_up=e3va_swin(), in_features="${.bottom_up.out_features}"),
     sem_seg_head=L(UperNetHead)(
         # Channels follow the Swin's size (and its overrides): no need to build the backbone first.
         input_shape=L(swin_output_shape)(
@@ -55,7 +50,7 @@ model = L(SemanticSegmentor)(
 
 model_fpn = L(SemanticSegmentor)(
     backbone=L(FPN)(
-        bottom_up=_swin(),
+        bottom_up=e3va_swin(),
         in_features="${.bottom_up.out_features}",
         out_channels=256,
         top_block=None,
