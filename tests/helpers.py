@@ -7,6 +7,7 @@ from typing import Dict, List
 import torch
 from detectron2.config import LazyConfig, instantiate
 
+from e3va import backbone_config_key
 from e3va.benchmark import synthetic_batch as _synthetic_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,11 +19,31 @@ def load_config(relpath: str):
     return LazyConfig.load(str(CONFIGS / relpath))
 
 
+TINY_IMAGE = 64  # side of the test images; ViT configs pad to it instead of ViTDet's 1024
+
+
+def make_tiny(cfg, tuning: str = None):
+    """Shrinks a config's backbone in place to its "nano" preset (Swin or ViT), for CPU tests; returns
+    the backbone's config node. ``tuning`` sets the tuning method."""
+    key = backbone_config_key(cfg)
+    node = cfg
+    for part in key.split(".")[:-1]:
+        node = node[part]
+    backbone = node[key.split(".")[-1]]
+    backbone.size = "nano"
+    if key.endswith(".net"):  # ViT + SimpleFeaturePyramid
+        backbone.img_size = TINY_IMAGE
+        backbone.window_size = 2  # a 4x4 token grid: windowed blocks still see several windows
+        node.square_pad = TINY_IMAGE
+    if tuning is not None:
+        backbone.tuning = tuning
+    return backbone
+
+
 def tiny_detector(relpath: str, tuning: str = "e3va", num_classes: int = 3) -> torch.nn.Module:
-    """The detector of a config, on the project's "nano" Swin, small enough for one CPU step."""
+    """The detector of a config, on a "nano" trunk, small enough for one CPU step."""
     cfg = load_config(relpath)
-    cfg.model.backbone.bottom_up.size = "nano"
-    cfg.model.backbone.bottom_up.tuning = tuning
+    make_tiny(cfg, tuning)
     cfg.model.roi_heads.num_classes = num_classes
     return instantiate(cfg.model)
 

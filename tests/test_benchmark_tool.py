@@ -4,13 +4,16 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from e3va import TUNING_METHODS
 from e3va.benchmark import (
     RECORD_FIELDS,
     BenchmarkSettings,
+    build_with_shared_weights,
     failed_record,
     format_markdown_table,
+    load_benchmark_config,
     load_note,
     plot_results,
     synthetic_batch,
@@ -50,6 +53,8 @@ def test_two_methods_end_to_end(tmp_path):
         assert r["device"].startswith("cpu: ") and r["torch_version"]
         assert r["malloc_mmap_threshold"] == "131072"  # the worker got the allocator setting
     fixed, e3va = records
+    # Shared weights and seeds: the zero-initialised highway starts exactly where `fixed` does.
+    assert e3va["losses"][0] == pytest.approx(fixed["losses"][0], rel=1e-6)
     assert fixed["backbone_trainable_params"] == 0 < e3va["backbone_trainable_params"]
     assert fixed["head_trainable_params"] == e3va["head_trainable_params"]  # same heads for every method
     assert fixed["total_params"] < e3va["total_params"]  # the highway's adapters exist only with e3va
@@ -60,6 +65,34 @@ def test_two_methods_end_to_end(tmp_path):
     png = (out / "results.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     assert "fixed" in proc.stdout and "e3va" in proc.stdout  # one line per method as it finishes
+
+
+def test_vit_config_and_losa(tmp_path):
+    """The tool finds a ViT config's backbone (``model.backbone.net``) and measures losa beside fixed."""
+    out = tmp_path / "bench_vit"
+    proc = run_tool("--config-file", "configs/COCO/mask_rcnn_vit_b_losa.py", "--methods", "fixed,losa",
+                    "--iters", "1", "--warmup", "0", "--input-size", "64", "--batch-size", "1",
+                    "--output", str(out), "model.backbone.net.size=nano", "model.backbone.net.img_size=64",
+                    "model.backbone.net.window_size=2", "model.backbone.square_pad=64")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    fixed, losa = json.loads((out / "results.json").read_text())
+    assert (fixed["method"], losa["method"]) == ("fixed", "losa")
+    assert fixed["status"] == losa["status"] == "ok"
+    assert fixed["backbone_trainable_params"] == 0 < losa["backbone_trainable_params"]
+    assert fixed["head_trainable_params"] == losa["head_trainable_params"]
+
+
+@pytest.mark.parametrize("method", ["e3va", "lora"])
+def test_every_method_gets_the_weights_it_shares_with_fixed(method):
+    settings = BenchmarkSettings(config_file=CONFIG, overrides=["model.backbone.bottom_up.size=nano"])
+
+    def build(m):
+        return build_with_shared_weights(load_benchmark_config(CONFIG, settings.overrides, m), settings, m)
+
+    fixed, tuned = build("fixed").state_dict(), build(method).state_dict()
+    tuned = {k.replace(".base_layer", ""): v for k, v in tuned.items()}
+    assert set(fixed) < set(tuned)
+    assert all(torch.equal(fixed[k], tuned[k]) for k in fixed)
 
 
 def test_unknown_method_is_named_and_valid_ones_listed(tmp_path):

@@ -14,6 +14,7 @@ max_memory_allocated over the steps; on the CPU, the peak resident set over the 
 set before the first step (see e3va.benchmark). Exit code: 0 if every method succeeded, 1 otherwise.
 """
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -33,9 +34,14 @@ from e3va.benchmark import (
 )
 
 
+def _mmap_threshold(records) -> str:
+    """The allocator setting the workers ran with (the caller's environment may override the default)."""
+    return next((r["malloc_mmap_threshold"] for r in records if r.get("malloc_mmap_threshold")), "unset")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, help="LazyConfig .py with an E3VASwin bottom-up")
+    parser.add_argument("--config-file", required=True, help="LazyConfig .py with an E3VASwin or E3VAViT backbone")
     parser.add_argument("--methods", default=",".join(TUNING_METHODS),
                         help=f"comma-separated, from: {', '.join(TUNING_METHODS)} (default: all)")
     parser.add_argument("--iters", type=int, default=5, help="timed steps (median reported)")
@@ -75,6 +81,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings: BenchmarkSettings = args.settings
     command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:  # the caller's allocator setting, which the workers inherit
+        command = f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']} {command}"
     print(f"Benchmarking {len(args.methods)} method(s) on {settings.config_file}, "
           f"{settings.input_size}x{settings.input_size}, batch {settings.batch_size}, device {settings.device}",
           flush=True)
@@ -97,7 +105,8 @@ def main(argv=None) -> int:
         "Iterations": f"{settings.iters} timed (median) after {settings.warmup} warm-up; "
                       "forward + backward + AdamW step over trainable params",
         "Peak memory": "CUDA max_memory_allocated" if settings.device.startswith("cuda")
-                       else "peak RSS over the steps minus RSS before the first step (MALLOC_MMAP_THRESHOLD_=131072)",
+                       else "peak RSS over the steps minus RSS before the first step "
+                            f"(MALLOC_MMAP_THRESHOLD_={_mmap_threshold(records)})",
         "Torch": torch.__version__,
         "Command": command,
     }

@@ -18,30 +18,27 @@ from pathlib import Path
 import torch
 from detectron2.config import LazyConfig, instantiate
 
-from e3va import E3VASwin, save_trainable
+from e3va import backbone_config_key, find_tuned_backbone, save_trainable
 from e3va.trainable import config_record, trainable_state_dict
 from e3va.engine.params import count_parameters
 
 
 def measure(config_file: str, tuning: str, opts=()) -> dict:
     """Bytes of ``{"model": state_dict}`` and of the trainable-only file, for one tuning method."""
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), [*opts, f"model.backbone.bottom_up.tuning={tuning}"])
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+    cfg = LazyConfig.apply_overrides(cfg, [f"{backbone_config_key(cfg)}.tuning={tuning}"])
     model = instantiate(cfg.model)
     trainable, total = count_parameters(model)
     with tempfile.TemporaryDirectory() as tmp:
         full, task = Path(tmp) / "full.pth", Path(tmp) / "task.pth"
         torch.save({"model": model.state_dict()}, full)
         save_trainable(model, task, config=config_record(cfg))
-        bottom_up = _bottom_up_prefix(model)
+        bottom_up = find_tuned_backbone(model)[0] + "."
         return {"config": config_file, "tuning": tuning, "trainable_params": trainable, "total_params": total,
                 "full_bytes": full.stat().st_size, "trainable_only_bytes": task.stat().st_size,
-                # tensor bytes of the Swin backbone (trunk + highway + output norms), without the FPN and heads
+                # tensor bytes of the backbone (trunk + side network + output norms), without the FPN and heads
                 "backbone_full_bytes": _tensor_bytes(model.state_dict(), bottom_up),
                 "backbone_trainable_bytes": _tensor_bytes(trainable_state_dict(model), bottom_up)}
-
-
-def _bottom_up_prefix(model) -> str:
-    return next(f"{name}." for name, m in model.named_modules() if isinstance(m, E3VASwin))
 
 
 def _tensor_bytes(state, prefix: str) -> int:

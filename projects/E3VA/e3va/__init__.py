@@ -6,7 +6,7 @@ semantic-segmentation head, and the synthetic ``shapes_*`` datasets (generated l
 from pathlib import Path
 
 from .adapters import DualLowRankLinear, HighwayAdapter
-from .backbone import E3VASwin, SwinHighway
+from .backbone import AdapterHighway, E3VASwin, SideTunedBackbone, backbone_config_key, find_tuned_backbone
 from .losa import LoSASideNetwork, LowRankMixer
 from . import modeling  # registers UperNetHead in Detectron2's SEM_SEG_HEADS_REGISTRY
 from .checkpoint import CheckpointReadError, E3VACheckpointer, read_checkpoint_file
@@ -15,6 +15,7 @@ from .config import add_e3va_config, build_e3va_swin_backbone, build_e3va_swin_f
 from .swin import SWIN_PRESETS, SWIN_PRETRAINED_URLS, build_swin_trunk
 from .trainable import TrainableCheckpointError, load_trainable, save_trainable
 from .tuning import TUNING_METHODS, AdapterSpec, LoSASpec, TuningMethod, get_tuning_method
+from .vit import VIT_PRESETS, VIT_PRETRAINED_CHECKPOINTS, E3VAViT, build_vit_trunk
 
 register_shapes_datasets()  # cheap: the images are generated on first use
 
@@ -22,11 +23,13 @@ register_shapes_datasets()  # cheap: the images are generated on first use
 NANO_SWIN_WEIGHTS = Path(__file__).parent / "weights" / "swin_nano_shapes_pretrained.pth"
 
 __all__ = [
+    "AdapterHighway",
     "AdapterSpec",
     "CheckpointReadError",
     "DualLowRankLinear",
     "E3VACheckpointer",
     "E3VASwin",
+    "E3VAViT",
     "HighwayAdapter",
     "LoSASideNetwork",
     "LoSASpec",
@@ -34,14 +37,19 @@ __all__ = [
     "NANO_SWIN_WEIGHTS",
     "SWIN_PRESETS",
     "SWIN_PRETRAINED_URLS",
-    "SwinHighway",
+    "SideTunedBackbone",
     "TUNING_METHODS",
     "TrainableCheckpointError",
     "TuningMethod",
+    "VIT_PRESETS",
+    "VIT_PRETRAINED_CHECKPOINTS",
     "add_e3va_config",
+    "backbone_config_key",
     "build_e3va_swin_backbone",
     "build_e3va_swin_fpn_backbone",
     "build_swin_trunk",
+    "build_vit_trunk",
+    "find_tuned_backbone",
     "get_tuning_method",
     "load_trainable",
     "read_checkpoint_file",

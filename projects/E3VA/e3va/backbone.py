@@ -1,27 +1,31 @@
-"""The E3VA backbone: a frozen Swin trunk and the adapter highway that runs beside it.
+"""E3VA backbones: a frozen trunk and the side network that runs beside it, for Detectron2.
 
 For block ``j`` of a stage, the trunk computes (unchanged, without autograd unless a method trains it)
 
-    h_j = x_{j-1} + WMSA(LN(x_{j-1}))          x_j = h_j + MLP(LN(h_j))
+    h_j = x_{j-1} + Attn(LN(x_{j-1}))          x_j = h_j + MLP(LN(h_j))
 
 and the highway adds, with autograd,
 
     d_j = d_{j-1} + A_j(x_{j-1}) + M_j(h_j)
 
 where ``A_j`` and ``M_j`` are the adapters beside attention and beside the MLP. A stage's output is
-``norm(x_end + d_end)`` (to the FPN); at a stage end the highway crosses the trunk's own frozen patch
-merging, ``d_next = PM(x_end + d_end) - PM(x_end)``. At initialisation every adapter outputs zero, so
-``d = 0`` everywhere and the backbone returns the trunk's features. See projects/E3VA/README.md.
+``norm(x_end + d_end)`` (to the FPN); at a Swin stage end the highway crosses the trunk's own frozen
+patch merging, ``d_next = PM(x_end + d_end) - PM(x_end)``. At initialisation every adapter outputs
+zero, so ``d = 0`` everywhere and the backbone returns the trunk's features. See projects/E3VA/README.md.
 
 The highway is one kind of side network; ``tuning="losa"`` runs another, LoSA's low-rank mixers
 (``e3va.losa``), through the same interface (:class:`_SideTaps`): it is fed by hooks on the trunk's
-blocks, carried across stage ends by the same frozen patch merging, and added to the stage outputs.
+blocks and added to the stage outputs.
+
+:class:`SideTunedBackbone` holds what every trunk shares (the tuning method, the frozen parameters, the
+side network's hooks, the no-grad and low-precision trunk pass); :class:`E3VASwin` is the Swin backbone,
+``e3va.vit.E3VAViT`` the plain-ViT one.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -33,13 +37,23 @@ from .losa import LoSASideNetwork
 from .swin import build_swin_trunk
 from .tuning import AdapterSpec, TuningMethod, get_tuning_method
 
-__all__ = ["E3VASwin", "SwinHighway", "TRUNK_DTYPES"]
+__all__ = [
+    "AdapterHighway",
+    "E3VASwin",
+    "SideTunedBackbone",
+    "TRUNK_DTYPES",
+    "backbone_config_key",
+    "find_tuned_backbone",
+]
 
 TRUNK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# (block, block output) -> (H, W), the token grid of a block's output, for LoSA's window partition.
+GridOf = Callable[[nn.Module, torch.Tensor], Tuple[int, int]]
 
-class SwinHighway(nn.Module):
-    """The trainable E3VA highway: two parallel adapters per Swin block, grouped by stage."""
+
+class AdapterHighway(nn.Module):
+    """The trainable E3VA highway: two parallel adapters per trunk block, grouped by stage."""
 
     def __init__(
         self,
@@ -64,13 +78,13 @@ class SwinHighway(nn.Module):
 
 
 class _SideTaps:
-    """A side network run by hooks on the trunk while the trunk runs: the interface ``E3VASwin`` drives.
+    """A side network run by hooks on the trunk while the trunk runs: the interface the backbones drive.
 
     For each stage the backbone runs the trunk's stage inside ``with taps.stage(carried):``, where
     ``carried`` is the side state entering the stage (None for zero), then reads ``taps.end()``, the side
-    state at the stage's end: it is added to the stage's output, and crosses the trunk's frozen patch
-    merging to become the next stage's ``carried``. The hooks run the side network with autograd on, in
-    fp32, inside the trunk's no-grad (and possibly low-precision) pass.
+    state at the stage's end: it is added to the stage's output (and on Swin crosses the trunk's frozen
+    patch merging to become the next stage's ``carried``). The hooks run the side network with autograd
+    on, in fp32, inside the trunk's no-grad (and possibly low-precision) pass.
     """
 
     def __init__(self) -> None:
@@ -111,12 +125,12 @@ class _HighwayTaps(_SideTaps):
     are summed, and the state entering the stage is added at the end, ``d_end = d_start + sum``.
     """
 
-    def __init__(self, trunk: nn.Module, highway: SwinHighway) -> None:
+    def __init__(self, blocks_by_stage: Sequence[Sequence[nn.Module]], highway: AdapterHighway) -> None:
         super().__init__()
         self.total: Optional[torch.Tensor] = None
         self.carried: Optional[torch.Tensor] = None
-        for stage, attn_adapters, mlp_adapters in zip(trunk.layers, highway.beside_attn, highway.beside_mlp):
-            for block, beside_attn, beside_mlp in zip(stage.blocks, attn_adapters, mlp_adapters):
+        for blocks, attn_adapters, mlp_adapters in zip(blocks_by_stage, highway.beside_attn, highway.beside_mlp):
+            for block, beside_attn, beside_mlp in zip(blocks, attn_adapters, mlp_adapters):
                 block.register_forward_pre_hook(self._feed(beside_attn))
                 block.norm2.register_forward_pre_hook(self._feed(beside_mlp))
 
@@ -142,21 +156,23 @@ class _LoSATaps(_SideTaps):
     """Runs LoSA's side network: a forward hook on each block reads its output ``b_l`` and refines the
     state, ``a_l = a_{l-1} + g_l(b_l + a_{l-1})``, while the trunk moves on (``e3va.losa``)."""
 
-    def __init__(self, trunk: nn.Module, side: LoSASideNetwork) -> None:
+    def __init__(
+        self, blocks_by_stage: Sequence[Sequence[nn.Module]], side: LoSASideNetwork, grid_of: GridOf
+    ) -> None:
         super().__init__()
         self.side = side
+        self.grid_of = grid_of
         self.state: Optional[torch.Tensor] = None
-        for stage, mixers in zip(trunk.layers, side.mixers):
-            for block, mixer in zip(stage.blocks, mixers):
+        for blocks, mixers in zip(blocks_by_stage, side.mixers):
+            for block, mixer in zip(blocks, mixers):
                 block.register_forward_hook(self._refine(mixer))
 
     def _refine(self, mixer: nn.Module):
         def hook(block: nn.Module, args, output: torch.Tensor) -> None:
             if self.active:
                 with self.side_mode(output):
-                    self.state = self.side.refine(
-                        mixer, output.float(), self.state, block.H, block.W, block.window_size
-                    )
+                    H, W = self.grid_of(block, output)
+                    self.state = self.side.refine(mixer, output.float(), self.state, H, W)
 
         return hook
 
@@ -168,7 +184,172 @@ class _LoSATaps(_SideTaps):
         return state
 
 
-class E3VASwin(Backbone):
+class SideTunedBackbone(Backbone):
+    """What every E3VA backbone shares: a trunk (``self.trunk``), a tuning method (``e3va.tuning``) that
+    says which of its parameters train and what runs beside it, and the side network's hooks.
+
+    A subclass builds its trunk, calls :meth:`_attach_tuning`, and in ``forward`` runs the trunk inside
+    :meth:`_trunk_pass` (no autograd when nothing in the trunk trains; autocast for a low-precision trunk)
+    and each stage inside ``self._side_stage(carried)``.
+    """
+
+    trunk: nn.Module
+
+    def _attach_tuning(
+        self,
+        *,
+        tuning: str,
+        blocks_by_stage: Sequence[Sequence[nn.Module]],
+        stage_dims: Sequence[int],
+        window_size: int,
+        grid_of: GridOf,
+        out_norm_names: Sequence[str] = (),
+        rank: Optional[int] = None,
+        bottleneck_ratio: Optional[float] = None,
+        activation: Optional[str] = None,
+        fused_adapters: bool = True,
+        saved_input_dtype: str = "bfloat16",
+        trunk_dtype: str = "float32",
+    ) -> None:
+        """Applies the method ``tuning`` to ``self.trunk`` (whose blocks, by stage, are ``blocks_by_stage``).
+
+        ``out_norm_names`` name the trunk's norms between the backbone and the FPN (they train with every
+        method that has ``train_out_norms``); ``window_size`` and ``grid_of`` say how LoSA partitions a
+        block's output into windows. The other arguments are the backbones' own (see ``E3VASwin``).
+        """
+        if trunk_dtype not in TRUNK_DTYPES:
+            raise ValueError(f"Unknown trunk_dtype {trunk_dtype!r}; expected one of {sorted(TRUNK_DTYPES)}.")
+        self.trunk_dtype = TRUNK_DTYPES[trunk_dtype]
+        self.method: TuningMethod = get_tuning_method(tuning)
+        self._out_norm_names = list(out_norm_names)
+        depths = [len(blocks) for blocks in blocks_by_stage]
+        module_names = {id(m): name for name, m in self.trunk.named_modules()}
+        self._last_block = module_names[id(blocks_by_stage[-1][-1])] + "."
+
+        spec = self.method.highway
+        losa_spec = self.method.losa
+        overrides = {k: v for k, v in dict(rank=rank, bottleneck_ratio=bottleneck_ratio,
+                                           activation=activation).items() if v is not None}
+        blocks = [block for stage in blocks_by_stage for block in stage]
+        if self.method.inject is not None:
+            if self.method.accepts_rank and set(overrides) == {"rank"}:
+                self.method.inject(self.trunk, blocks, rank=overrides.pop("rank"))
+            else:
+                self.method.inject(self.trunk, blocks)
+        if overrides and losa_spec is not None:
+            unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(losa_spec)})
+            if unknown:
+                raise ValueError(f"tuning={tuning!r} takes `rank` and `activation` only, not {unknown}.")
+            losa_spec, overrides = dataclasses.replace(losa_spec, **overrides), {}
+        if overrides:
+            if spec is None:
+                raise ValueError(
+                    f"Adapter overrides {overrides} given, but tuning={tuning!r} has no highway adapters"
+                    + (" (it takes `rank` only)." if self.method.accepts_rank else ".")
+                )
+            spec = AdapterSpec(**{**spec.__dict__, **overrides})
+        self._fused = fused_adapters
+        self._saved_dtype = saved_input_dtype_of(saved_input_dtype)
+        self.highway: Optional[AdapterHighway] = None
+        self.losa: Optional[LoSASideNetwork] = None
+        self._taps: Optional[_SideTaps] = None  # the side network's hooks on the trunk, if any
+        if spec is not None:
+            self.highway = AdapterHighway(
+                stage_dims, depths, spec, fused=fused_adapters, saved_input_dtype=saved_input_dtype
+            )
+            self._taps = _HighwayTaps(blocks_by_stage, self.highway)
+        elif losa_spec is not None:
+            self.losa = LoSASideNetwork(
+                stage_dims, depths, window_size, losa_spec.rank, losa_spec.activation,
+                fused=fused_adapters, saved_input_dtype=saved_input_dtype,
+            )
+            self._taps = _LoSATaps(blocks_by_stage, self.losa, grid_of)
+        self._freeze_trunk()
+
+    # ------------------------------------------------------------------ parameters
+    def _is_out_norm(self, name: str) -> bool:
+        return any(name.startswith(norm + ".") for norm in self._out_norm_names)
+
+    def _freeze_trunk(self) -> None:
+        for name, param in self.trunk.named_parameters():
+            if self._is_out_norm(name):
+                param.requires_grad_(self.method.train_out_norms)
+            else:
+                param.requires_grad_(self.method.trunk_trainable(name, self._last_block))
+
+    @property
+    def trunk_needs_autograd(self) -> bool:
+        """True iff some trunk parameter (other than the output norms) trains."""
+        return any(p.requires_grad for n, p in self.trunk.named_parameters() if not self._is_out_norm(n))
+
+    # ------------------------------------------------------------------ forward helpers
+    def _autocast(self, x: torch.Tensor):
+        if self.trunk_needs_autograd:
+            raise ValueError(
+                f"trunk_dtype={self.trunk_dtype} is for a frozen trunk, but tuning={self.method.name!r} "
+                "trains trunk parameters; use Detectron2's AMP (train.amp.enabled=True) instead."
+            )
+        if self.trunk_dtype is torch.float16 and x.device.type != "cuda":
+            raise ValueError(f"trunk_dtype=float16 needs CUDA, but the input is on {x.device}; use bfloat16.")
+        return torch.autocast(x.device.type, dtype=self.trunk_dtype)
+
+    @contextlib.contextmanager
+    def _trunk_pass(self, x: torch.Tensor):
+        """Runs the trunk as the method needs: no autograd when nothing in it trains (none of its
+        activations is kept), under autocast when ``trunk_dtype`` is not fp32."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad() if self.trunk_needs_autograd else torch.no_grad())
+            if self.trunk_dtype is not torch.float32:
+                stack.enter_context(self._autocast(x))
+            yield
+
+    def _side_stage(self, carried: Optional[torch.Tensor]):
+        """The side network's hooks for one stage (a no-op context without a side network)."""
+        return self._taps.stage(carried) if self._taps is not None else contextlib.nullcontext()
+
+    def _check_image(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(
+                f"{type(self).__name__} expects images of shape (N, 3, H, W), got {tuple(x.shape)}; "
+                "convert grayscale or RGBA inputs to 3 channels."
+            )
+
+
+def find_tuned_backbone(model: nn.Module) -> Tuple[str, SideTunedBackbone]:
+    """``(name, module)`` of the E3VA backbone in ``model`` (a detector, possibly DDP-wrapped), e.g.
+    ``("backbone.bottom_up", E3VASwin(...))``; ValueError when there is none."""
+    model = getattr(model, "module", model)
+    for name, module in model.named_modules():
+        if isinstance(module, SideTunedBackbone):
+            return name, module
+    raise ValueError(
+        f"The model ({type(model).__name__}) has no E3VA backbone (e3va.E3VASwin or e3va.E3VAViT)."
+    )
+
+
+# Where a LazyConfig detector holds its trunk: FPN's ``bottom_up`` (Swin configs) or
+# SimpleFeaturePyramid's ``net`` (ViTDet-style configs).
+_BACKBONE_CONFIG_KEYS = ("model.backbone.bottom_up", "model.backbone.net")
+
+
+def backbone_config_key(cfg: Any) -> str:
+    """The dotted key of the E3VA backbone in a LazyConfig, e.g. ``"model.backbone.bottom_up"``, so that
+    ``f"{key}.tuning=lora"`` selects a method on any config; ValueError naming the keys looked at."""
+    for key in _BACKBONE_CONFIG_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+            if node is None:
+                break
+        if node is not None and "tuning" in node:
+            return key
+    raise ValueError(
+        f"The config has no E3VA backbone at {' or '.join(_BACKBONE_CONFIG_KEYS)} (a node with a `tuning` "
+        "argument, e.g. e3va.E3VASwin or e3va.E3VAViT; see configs/common/models/)."
+    )
+
+
+class E3VASwin(SideTunedBackbone):
     """Swin backbone for Detectron2 tuned with a method of ``e3va.tuning`` (E3VA by default).
 
     Outputs ``p0..p3`` (strides 4..32), to be fed to Detectron2's ``FPN``.
@@ -206,10 +387,6 @@ class E3VASwin(Backbone):
         trunk_dtype: str = "float32",
     ) -> None:
         super().__init__()
-        if trunk_dtype not in TRUNK_DTYPES:
-            raise ValueError(f"Unknown trunk_dtype {trunk_dtype!r}; expected one of {sorted(TRUNK_DTYPES)}.")
-        self.trunk_dtype = TRUNK_DTYPES[trunk_dtype]
-        self.method: TuningMethod = get_tuning_method(tuning)
         valid = ("p0", "p1", "p2", "p3")
         bad = [f for f in out_features if f not in valid]
         if bad or not out_features:
@@ -218,64 +395,22 @@ class E3VASwin(Backbone):
 
         self.trunk = build_swin_trunk(size, window_size=window_size, drop_path_rate=drop_path_rate)
         stage_dims = list(self.trunk.num_features)
-        depths = [len(stage.blocks) for stage in self.trunk.layers]
-
-        spec = self.method.highway
-        losa_spec = self.method.losa
-        overrides = {k: v for k, v in dict(rank=rank, bottleneck_ratio=bottleneck_ratio,
-                                           activation=activation).items() if v is not None}
-        if self.method.inject is not None:
-            if self.method.accepts_rank and set(overrides) == {"rank"}:
-                self.method.inject(self.trunk, rank=overrides.pop("rank"))
-            else:
-                self.method.inject(self.trunk)
-        if overrides and losa_spec is not None:
-            unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(losa_spec)})
-            if unknown:
-                raise ValueError(f"tuning={tuning!r} takes `rank` and `activation` only, not {unknown}.")
-            losa_spec, overrides = dataclasses.replace(losa_spec, **overrides), {}
-        if overrides:
-            if spec is None:
-                raise ValueError(
-                    f"Adapter overrides {overrides} given, but tuning={tuning!r} has no highway adapters"
-                    + (" (it takes `rank` only)." if self.method.accepts_rank else ".")
-                )
-            spec = AdapterSpec(**{**spec.__dict__, **overrides})
-        self._fused = fused_adapters
-        self._saved_dtype = saved_input_dtype_of(saved_input_dtype)
-        self.highway: Optional[SwinHighway] = None
-        self.losa: Optional[LoSASideNetwork] = None
-        self._taps: Optional[_SideTaps] = None  # the side network's hooks on the trunk, if any
-        if spec is not None:
-            self.highway = SwinHighway(
-                stage_dims, depths, spec, fused=fused_adapters, saved_input_dtype=saved_input_dtype
-            )
-            self._taps = _HighwayTaps(self.trunk, self.highway)
-        elif losa_spec is not None:
-            self.losa = LoSASideNetwork(
-                stage_dims, depths, window_size, losa_spec.rank, losa_spec.activation,
-                fused=fused_adapters, saved_input_dtype=saved_input_dtype,
-            )
-            self._taps = _LoSATaps(self.trunk, self.losa)
-
-        self._freeze_trunk()
+        self._attach_tuning(
+            tuning=tuning,
+            blocks_by_stage=[list(stage.blocks) for stage in self.trunk.layers],
+            stage_dims=stage_dims,
+            window_size=window_size,
+            grid_of=lambda block, output: (block.H, block.W),  # Swin blocks hold flat (B, H*W, C) tokens
+            out_norm_names=[f"norm{i}" for i in range(4)],
+            rank=rank,
+            bottleneck_ratio=bottleneck_ratio,
+            activation=activation,
+            fused_adapters=fused_adapters,
+            saved_input_dtype=saved_input_dtype,
+            trunk_dtype=trunk_dtype,
+        )
         self._out_feature_channels = {f"p{i}": stage_dims[i] for i in range(4)}
         self._out_feature_strides = {f"p{i}": 2 ** (i + 2) for i in range(4)}
-
-    # ------------------------------------------------------------------ parameters
-    def _freeze_trunk(self) -> None:
-        norm_names = {f"norm{i}" for i in range(4)}
-        for name, param in self.trunk.named_parameters():
-            if name.split(".")[0] in norm_names:
-                param.requires_grad_(self.method.train_out_norms)
-            else:
-                param.requires_grad_(self.method.trunk_trainable(name))
-
-    @property
-    def trunk_needs_autograd(self) -> bool:
-        """True iff some trunk parameter (other than the output norms) trains."""
-        norm_params = {id(p) for i in range(4) for p in self.out_norm(i).parameters()}
-        return any(p.requires_grad for p in self.trunk.parameters() if id(p) not in norm_params)
 
     def out_norm(self, stage: int) -> nn.Module:
         """The norm between stage ``stage`` and the FPN (the trunk's ``norm{stage}``, untrained by ImageNet)."""
@@ -292,16 +427,6 @@ class E3VASwin(Backbone):
         }
 
     # ------------------------------------------------------------------ forward
-    def _autocast(self, x: torch.Tensor):
-        if self.trunk_needs_autograd:
-            raise ValueError(
-                f"trunk_dtype={self.trunk_dtype} is for a frozen trunk, but tuning={self.method.name!r} "
-                "trains trunk parameters; use Detectron2's AMP (train.amp.enabled=True) instead."
-            )
-        if self.trunk_dtype is torch.float16 and x.device.type != "cuda":
-            raise ValueError(f"trunk_dtype=float16 needs CUDA, but the input is on {x.device}; use bfloat16.")
-        return torch.autocast(x.device.type, dtype=self.trunk_dtype)
-
     def _downsample_highway(self, downsample: nn.Module, y: torch.Tensor, H: int, W: int) -> torch.Tensor:
         frozen = not any(p.requires_grad for p in downsample.parameters())
         if self._fused and frozen and y.requires_grad:
@@ -310,16 +435,9 @@ class E3VASwin(Backbone):
         return downsample(y, H, W)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(
-                f"E3VASwin expects images of shape (N, 3, H, W), got {tuple(x.shape)}; "
-                "convert grayscale or RGBA inputs to 3 channels."
-            )
+        self._check_image(x)
         trunk = self.trunk
-        # No autograd in the trunk when nothing in it trains: none of its activations is kept.
-        trunk_grad = torch.enable_grad() if self.trunk_needs_autograd else torch.no_grad()
-        trunk_ctx = lambda: contextlib.ExitStack() if self.trunk_dtype is torch.float32 else self._autocast(x)  # noqa: E731
-        with trunk_grad, trunk_ctx():
+        with self._trunk_pass(x):
             tokens = trunk.patch_embed(x)
             Wh, Ww = tokens.shape[2], tokens.shape[3]
             tokens = trunk.pos_drop(tokens.flatten(2).transpose(1, 2))
@@ -329,8 +447,7 @@ class E3VASwin(Backbone):
         outputs: Dict[str, torch.Tensor] = {}
         carried: Optional[torch.Tensor] = None  # the side network's state entering the stage
         for i, stage in enumerate(trunk.layers[: last + 1]):
-            side = self._taps.stage(carried) if self._taps else contextlib.nullcontext()
-            with trunk_grad, trunk_ctx(), side:
+            with self._trunk_pass(x), self._side_stage(carried):
                 x_out, H, W, tokens, Wh, Ww = stage(tokens, Wh, Ww)
             y = x_out = x_out.float()
             if self._taps is not None:

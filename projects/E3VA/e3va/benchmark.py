@@ -3,9 +3,12 @@
 The paper's efficiency tables compare, for one detector and input, each tuning method's trainable
 backbone parameters, peak training memory and time per step. This module measures them:
 
-* :func:`measure_method` builds the detector of a LazyConfig with ``model.backbone.bottom_up.tuning``
-  set to one method and times ``W + N`` training steps (Detectron2's ``SimpleTrainer`` order: forward,
-  ``zero_grad``, backward, AdamW step over the trainable parameters) on one seeded synthetic batch;
+* :func:`measure_method` builds the detector of a LazyConfig with its backbone's ``tuning``
+  (``model.backbone.bottom_up.tuning``, or ``model.backbone.net.tuning`` on ViT) set to one method and
+  times ``W + N`` training steps (Detectron2's ``SimpleTrainer`` order: forward, ``zero_grad``, backward,
+  AdamW step over the trainable parameters) on one seeded synthetic batch. The weights every method
+  shares with ``fixed`` are ``fixed``'s (:func:`build_with_shared_weights`), so the heads start alike
+  and their cost does not differ by method;
 * :func:`run_method_isolated` runs it in a fresh Python process (``python -m e3va.benchmark``), because
   a process's allocator caches and high-water marks would otherwise leak from one method into the next;
 * :func:`run_benchmark` does that for every method, and a failing method gives a ``"failed: ..."``
@@ -190,11 +193,14 @@ def load_benchmark_config(config_file: str, overrides: Sequence[str] = (), metho
         cfg = LazyConfig.apply_overrides(cfg, list(overrides))
     except Exception as e:  # omegaconf/Detectron2 raise several types; say which override failed
         raise ValueError(f"Could not apply overrides {list(overrides)} to {config_file}: {e}") from e
-    if "model" not in cfg or "backbone" not in cfg.model or "bottom_up" not in cfg.model.backbone:
-        raise ValueError(f"{config_file} has no model.backbone.bottom_up; the benchmark needs an E3VASwin "
-                         "backbone there (see configs/common/models/mask_rcnn_swin_e3va.py).")
+    from .backbone import backbone_config_key
+
+    try:
+        key = backbone_config_key(cfg)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from e
     if method is not None:
-        cfg = LazyConfig.apply_overrides(cfg, [f"model.backbone.bottom_up.tuning={method}"])
+        cfg = LazyConfig.apply_overrides(cfg, [f"{key}.tuning={method}"])
     return cfg
 
 
@@ -301,6 +307,39 @@ def _count(params) -> int:
     return sum(p.numel() for p in params)
 
 
+SHARED_WEIGHTS_REFERENCE = "fixed"
+
+
+def build_with_shared_weights(cfg: Any, settings: BenchmarkSettings, method: str) -> torch.nn.Module:
+    """``cfg.model`` (tuned with ``method``), holding the same weights as the ``fixed`` model of the same
+    seed in every parameter the two share (trunk, FPN, heads).
+
+    Building a method's own modules (highway, LoRA, adapters) draws from the random generator and would
+    shift the heads' initialisation from one method to the next; the heads' cost then changes with their
+    proposals (ROIAlign samples adaptively to proposal sizes, the mask head runs on the foreground ones),
+    which is noise in a comparison of backbones. With shared weights, methods whose side network starts
+    at zero give exactly the proposals of ``fixed`` at the first step.
+    """
+    from detectron2.config import instantiate
+
+    from .checkpoint import align_with_wrapped_layers
+
+    torch.manual_seed(settings.seed)
+    model = instantiate(cfg.model)
+    if method == SHARED_WEIGHTS_REFERENCE:
+        return model
+    reference_cfg = load_benchmark_config(settings.config_file, settings.overrides, SHARED_WEIGHTS_REFERENCE)
+    torch.manual_seed(settings.seed)
+    reference = instantiate(reference_cfg.model).state_dict()
+    state = align_with_wrapped_layers(reference, model.state_dict().keys())
+    incompatible = model.load_state_dict(state, strict=False)
+    if incompatible.unexpected_keys:  # every parameter of `fixed` exists in every method
+        raise RuntimeError(f"{method}: the fixed model's {incompatible.unexpected_keys[:5]} have no counterpart.")
+    del reference, state
+    gc.collect()
+    return model
+
+
 def measure_method(method: str, settings: BenchmarkSettings) -> Dict[str, Any]:
     """Builds the config's detector tuned with ``method`` and measures ``settings.warmup +
     settings.iters`` training steps in this process; see the module docstring for the fields.
@@ -309,6 +348,8 @@ def measure_method(method: str, settings: BenchmarkSettings) -> Dict[str, Any]:
     """
     from detectron2.config import instantiate
     from detectron2.utils.events import EventStorage
+
+    from .backbone import find_tuned_backbone
 
     record = _base_record(method, settings)
     device = torch.device(settings.device)
@@ -320,10 +361,10 @@ def measure_method(method: str, settings: BenchmarkSettings) -> Dict[str, Any]:
     record["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
 
     cfg = load_benchmark_config(settings.config_file, settings.overrides, method)
-    torch.manual_seed(settings.seed)  # reproducible initial weights and drop-path draws
-    model = instantiate(cfg.model).to(device).train()
+    model = build_with_shared_weights(cfg, settings, method).to(device).train()
+    torch.manual_seed(settings.seed)  # the same drop-path and proposal-sampling draws for every method
 
-    backbone = model.backbone.bottom_up
+    _, backbone = find_tuned_backbone(model)
     backbone_ids = {id(p) for p in backbone.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     record["backbone_trainable_params"] = _count(p for p in trainable if id(p) in backbone_ids)
@@ -361,6 +402,7 @@ def measure_method(method: str, settings: BenchmarkSettings) -> Dict[str, Any]:
     # kept, with the load average, so a contended run can be recognised.
     record["load_avg_1m_before"] = _load_avg()
     loss_value = float("nan")
+    losses_by_step: List[float] = []
     with EventStorage(0) as storage:  # Detectron2's heads log training statistics into it
         for step in range(settings.warmup + settings.iters):
             sync()
@@ -375,6 +417,7 @@ def measure_method(method: str, settings: BenchmarkSettings) -> Dict[str, Any]:
             sync()
             elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
             loss_value = float(loss.detach())
+            losses_by_step.append(loss_value)
             del losses, loss
             storage.step()
             if step >= settings.warmup:
@@ -396,6 +439,7 @@ def measure_method(method: str, settings: BenchmarkSettings) -> Dict[str, Any]:
     record["step_cpu_time_s"] = statistics.median(cpu_times)
     record["load_avg_1m_after"] = _load_avg()
     record["final_loss"] = loss_value
+    record["losses"] = losses_by_step  # the first is the same for every method that starts as `fixed`
     record["status"] = "ok" if math.isfinite(loss_value) else f"failed: non-finite loss {loss_value}"
     return record
 

@@ -89,28 +89,36 @@ def is_swin_classification_state_dict(state_dict: Dict[str, torch.Tensor]) -> bo
 
 def align_with_wrapped_layers(state_dict: Dict[str, torch.Tensor], model_keys) -> Dict[str, torch.Tensor]:
     """Renames ``a.b.weight`` to ``a.b.base_layer.weight`` where the model wraps layer ``a.b`` (PEFT's
-    LoRA does), so one checkpoint loads into every tuning method."""
+    LoRA does), so one checkpoint loads into every tuning method. Checkpoint names may also be suffixes
+    of the model's (e.g. MAE's ``blocks.0.attn.qkv.weight``, matched by Detectron2's heuristics)."""
     model_keys = set(model_keys)
+    wrapped_model_keys = [k for k in model_keys if ".base_layer." in k]
     aligned = {}
     for key, value in state_dict.items():
         module, _, leaf = key.rpartition(".")
         wrapped = f"{module}.base_layer.{leaf}"
-        aligned[wrapped if key not in model_keys and wrapped in model_keys else key] = value
+        is_wrapped = key not in model_keys and any(
+            k == wrapped or k.endswith("." + wrapped) for k in wrapped_model_keys
+        )
+        aligned[wrapped if is_wrapped else key] = value
     return aligned
 
 
-def _find_trunk(model: nn.Module) -> Tuple[str, nn.Module]:
+def _find_swin_trunk(model: nn.Module) -> Tuple[str, nn.Module]:
     """``(prefix, trunk)`` of the model's E3VA Swin backbone, e.g. ``("backbone.bottom_up.trunk.", ...)``."""
-    from .backbone import E3VASwin  # local: backbone imports Detectron2's modeling, heavier than needed here
+    from .backbone import E3VASwin, find_tuned_backbone  # local: backbone imports Detectron2's modeling
 
-    model = getattr(model, "module", model)
-    for name, module in model.named_modules():
-        if isinstance(module, E3VASwin):
-            return (f"{name}.trunk." if name else "trunk."), module.trunk
-    raise ValueError(
-        f"This checkpoint holds Swin classification weights, but the model ({type(model).__name__}) "
-        "has no E3VASwin backbone to put them in."
-    )
+    try:
+        name, backbone = find_tuned_backbone(model)
+    except ValueError:
+        backbone = None
+    if not isinstance(backbone, E3VASwin):
+        raise ValueError(
+            f"This checkpoint holds Swin classification weights, but the model "
+            f"({type(getattr(model, 'module', model)).__name__}) has no E3VASwin backbone to put them in"
+            + (f" (its backbone is {type(backbone).__name__})." if backbone is not None else ".")
+        )
+    return (f"{name}.trunk." if name else "trunk."), backbone.trunk
 
 
 def _is_timm_model_name(path: str) -> bool:
@@ -184,7 +192,7 @@ class E3VACheckpointer(DetectionCheckpointer):
         layout = detect_swin_format(state_dict)
         if layout == "timm":
             state_dict = timm_to_official(state_dict)
-        prefix, trunk = _find_trunk(self.model)
+        prefix, trunk = _find_swin_trunk(self.model)
         adapted, report = adapt_to_trunk(state_dict, trunk)  # raises, naming both sizes, if they differ
         logger.info(f"Read {source} as Swin classification weights ({layout} layout) for '{prefix}'.")
         for line in report.lines():

@@ -1,4 +1,4 @@
-"""LoSA, the low-rank side network (Mercea et al., CVPR 2024), beside a frozen Swin trunk.
+"""LoSA, the low-rank side network (Mercea et al., CVPR 2024), beside a frozen Swin or ViT trunk.
 
 The trunk's block outputs ``b_l`` are computed without autograd; a side state starts at zero and is
 refined block by block,
@@ -11,7 +11,8 @@ projections, so ``g_l = 0`` and the backbone returns the trunk's features at ini
 
 On Swin the state lives per stage, crosses the trunk's frozen patch merging at stage ends as E3VA's
 highway does, and tokens are mixed within the trunk's own ``window_size x window_size`` windows, which
-keeps the token count fixed for any input size. See projects/E3VA/README.md ("LoSA").
+keeps the token count fixed for any input size. On a plain ViT (``e3va.vit``) there is one stage and
+no merging; tokens mix within the ViTDet window (14 x 14). See projects/E3VA/README.md ("LoSA").
 """
 from __future__ import annotations
 
@@ -81,11 +82,12 @@ class LowRankMixer(nn.Module):
 
 
 def mix_in_windows(mixer: LowRankMixer, x: torch.Tensor, H: int, W: int, window_size: int) -> torch.Tensor:
-    """``mixer`` on each ``window_size x window_size`` window of ``x`` (B, H*W, C), as Swin partitions.
+    """``mixer`` on each ``window_size x window_size`` window of the ``H x W`` token map ``x``.
 
-    The map is padded with zeros to a multiple of the window (bottom and right, as Swin pads) and the
-    result cropped back. A zero token adds nothing to a token-mixing projection, so the padding does not
-    change what the real tokens receive.
+    ``x`` is ``(B, H*W, C)`` (Swin's flat tokens) or ``(B, H, W, C)`` (ViT's); the result has its shape.
+    The map is padded with zeros to a multiple of the window (bottom and right, as Swin and ViTDet pad)
+    and the result cropped back. A zero token adds nothing to a token-mixing projection, so the padding
+    does not change what the real tokens receive.
     """
     if window_size * window_size != mixer.num_tokens:
         raise ValueError(
@@ -93,24 +95,24 @@ def mix_in_windows(mixer: LowRankMixer, x: torch.Tensor, H: int, W: int, window_
             f"LoSA mixer expects {mixer._expected()}; build the backbone with the window size its LoSA "
             "weights were trained with."
         )
-    B, L, C = x.shape
-    if L != H * W:
-        raise ValueError(f"Expected {H}x{W}={H * W} tokens, got {L}.")
+    B, C = x.shape[0], x.shape[-1]
+    if x.dim() not in (3, 4) or x.shape[1:-1].numel() != H * W:
+        raise ValueError(f"Expected (B, {H}*{W}, C) or (B, {H}, {W}, C) tokens, got {tuple(x.shape)}.")
     w = window_size
     pad_b, pad_r = (-H) % w, (-W) % w
-    x = F.pad(x.reshape(B, H, W, C), (0, 0, 0, pad_r, 0, pad_b))
+    grid = F.pad(x.reshape(B, H, W, C), (0, 0, 0, pad_r, 0, pad_b))
     Hp, Wp = H + pad_b, W + pad_r
-    windows = x.view(B, Hp // w, w, Wp // w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, C)
+    windows = grid.view(B, Hp // w, w, Wp // w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, C)
     out = mixer(windows)
     out = out.view(B, Hp // w, Wp // w, w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
-    return out[:, :H, :W].reshape(B, H * W, C)
+    return out[:, :H, :W].reshape(x.shape)
 
 
 class LoSASideNetwork(nn.Module):
-    """The trainable LoSA side network on a Swin trunk: one :class:`LowRankMixer` per block, by stage.
+    """The trainable LoSA side network: one :class:`LowRankMixer` per trunk block, by stage.
 
-    ``refine`` computes one step ``a_l = a_{l-1} + g_l(b_l + a_{l-1})``; ``E3VASwin`` calls it from a
-    forward hook on each trunk block while the trunk runs without autograd.
+    ``refine`` computes one step ``a_l = a_{l-1} + g_l(b_l + a_{l-1})``; the backbones (``E3VASwin``,
+    ``E3VAViT``) call it from a forward hook on each trunk block while the trunk runs without autograd.
 
     Args:
         stage_dims, depths: the trunk's stage widths and block counts.
@@ -141,11 +143,12 @@ class LoSASideNetwork(nn.Module):
         )
 
     def refine(
-        self, mixer: LowRankMixer, b: torch.Tensor, state: Optional[torch.Tensor], H: int, W: int, window_size: int
+        self, mixer: LowRankMixer, b: torch.Tensor, state: Optional[torch.Tensor], H: int, W: int
     ) -> torch.Tensor:
-        """``a + g(b + a)`` (``a = 0`` when ``state`` is None) for a block output ``b`` of shape (B, H*W, C)."""
+        """``a + g(b + a)`` (``a = 0`` when ``state`` is None) for a block output ``b`` on an ``H x W``
+        token grid, of shape (B, H*W, C) or (B, H, W, C); tokens mix within ``self.window_size`` windows."""
         z = b if state is None else b + state
-        fn = functools.partial(mix_in_windows, mixer, H=H, W=W, window_size=window_size)
+        fn = functools.partial(mix_in_windows, mixer, H=H, W=W, window_size=self.window_size)
         params = [p for p in mixer.parameters() if p.requires_grad]
         if self.fused and torch.is_grad_enabled() and (z.requires_grad or params):
             g = RecomputedFromCompactInput.apply(fn, self.saved_dtype, z, *params)

@@ -84,11 +84,11 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def tuning_method_of(model: nn.Module) -> Optional[str]:
-    """The tuning method of the model's E3VA Swin backbone, or None when it has none."""
-    from .backbone import E3VASwin  # local: the backbone pulls in Detectron2's modeling
+    """The tuning method of the model's E3VA backbone, or None when it has none."""
+    from .backbone import SideTunedBackbone  # local: the backbone pulls in Detectron2's modeling
 
     for module in _unwrap(model).modules():
-        if isinstance(module, E3VASwin):
+        if isinstance(module, SideTunedBackbone):
             return module.method.name
     return None
 
@@ -158,7 +158,8 @@ def check_trainable_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any], 
     if meta.get("tuning") != method:
         raise TrainableCheckpointError(
             f"{source} was trained with tuning={meta.get('tuning')!r}, but the model uses tuning={method!r}; "
-            f"build the model with model.backbone.bottom_up.tuning={meta.get('tuning')}."
+            f"build the model with tuning={meta.get('tuning')} (e.g. the override "
+            f"model.backbone.bottom_up.tuning={meta.get('tuning')}, or model.backbone.net.tuning=... on ViT)."
         )
     expected = trainable_state_dict(model)
     saved = checkpoint["model"]

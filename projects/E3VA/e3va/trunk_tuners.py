@@ -1,4 +1,7 @@
-"""Baseline tuners that insert modules *inside* the Swin trunk (the paper's comparison methods).
+"""Baseline tuners that insert modules *inside* the trunk (the paper's comparison methods).
+
+They work on any trunk whose blocks have ``norm1``, ``attn.proj``, ``norm2`` and ``mlp.fc2`` (Detectron2's
+Swin and ViT blocks both do); each takes the trunk and its blocks in order.
 
 Unlike E3VA's highway they sit on the trunk's forward path, so training them backpropagates through the
 trunk. Each keeps every original parameter name (extra modules hang under the layer they adapt, and
@@ -6,6 +9,8 @@ PEFT's ``base_layer`` renaming is undone by ``e3va.checkpoint`` when loading), s
 load into any method.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 from torch import nn
 
@@ -34,24 +39,24 @@ def _add_to_output(module: nn.Module, output_adapter: nn.Module) -> None:
     module.register_forward_hook(lambda mod, args, out: out + mod.adapter(out))
 
 
-def insert_sequential_adapters(trunk: nn.Module, bottleneck: int = 64) -> None:
+def insert_sequential_adapters(trunk: nn.Module, blocks: Sequence[nn.Module], bottleneck: int = 64) -> None:
     """Houlsby-style adapters after the attention output projection and after the MLP of every block."""
-    for stage in trunk.layers:
-        for block in stage.blocks:
-            dim = block.norm1.normalized_shape[0]
-            _add_to_output(block.attn.proj, BottleneckAdapter(dim, bottleneck))
-            _add_to_output(block.mlp.fc2, BottleneckAdapter(dim, bottleneck))
+    for block in blocks:
+        dim = block.norm1.normalized_shape[0]
+        _add_to_output(block.attn.proj, BottleneckAdapter(dim, bottleneck))
+        _add_to_output(block.mlp.fc2, BottleneckAdapter(dim, bottleneck))
 
 
-def insert_parallel_mlp_adapters(trunk: nn.Module, bottleneck: int = 128, scale: float = 0.1) -> None:
+def insert_parallel_mlp_adapters(
+    trunk: nn.Module, blocks: Sequence[nn.Module], bottleneck: int = 128, scale: float = 0.1
+) -> None:
     """AdaptFormer: ``h + MLP(LN(h)) + s * adapter(h)`` in every block, the adapter inside the trunk."""
-    for stage in trunk.layers:
-        for block in stage.blocks:
-            dim = block.norm1.normalized_shape[0]
-            block.mlp.adaptformer = BottleneckAdapter(dim, bottleneck, scale)
-            # The MLP sees LN(h); the adapter reads h itself, the input of norm2, kept until the MLP returns.
-            block.norm2.register_forward_pre_hook(_remember_input(block.mlp))
-            block.mlp.register_forward_hook(_add_parallel_branch)
+    for block in blocks:
+        dim = block.norm1.normalized_shape[0]
+        block.mlp.adaptformer = BottleneckAdapter(dim, bottleneck, scale)
+        # The MLP sees LN(h); the adapter reads h itself, the input of norm2, kept until the MLP returns.
+        block.norm2.register_forward_pre_hook(_remember_input(block.mlp))
+        block.mlp.register_forward_hook(_add_parallel_branch)
 
 
 def _remember_input(mlp: nn.Module):
@@ -66,8 +71,9 @@ def _add_parallel_branch(mlp: nn.Module, args, out):
     return out + mlp.adaptformer(h)
 
 
-def insert_lora(trunk: nn.Module, rank: int = 16, alpha: int = 32) -> None:
-    """LoRA on every attention ``qkv`` and output ``proj``, through PEFT."""
+def insert_lora(trunk: nn.Module, blocks: Sequence[nn.Module], rank: int = 16, alpha: int = 32) -> None:
+    """LoRA on every attention ``qkv`` and output ``proj``, through PEFT (which finds them by name in
+    ``trunk``: every block's ``attn.qkv`` and ``attn.proj``)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=r".*attn\.(qkv|proj)")

@@ -1,7 +1,8 @@
-"""Tuning methods: which parts of a Swin backbone train, and what E3VA adds beside the trunk.
+"""Tuning methods: which parts of a backbone's trunk train, and what runs beside the trunk.
 
-A method is a small frozen config, in the spirit of PEFT's tuner configs; ``E3VASwin`` reads it.
-Select one with a single override, e.g. ``model.backbone.bottom_up.tuning=e3va_plus``.
+A method is a small frozen config, in the spirit of PEFT's tuner configs; the backbones (``E3VASwin``,
+``E3VAViT``) read it. Select one with a single override, e.g. ``model.backbone.bottom_up.tuning=e3va_plus``
+(Swin + FPN configs) or ``model.backbone.net.tuning=losa`` (ViT + SimpleFeaturePyramid configs).
 """
 from __future__ import annotations
 
@@ -47,11 +48,17 @@ class LoSASpec:
             raise ValueError(f"LoSA rank must be a positive integer, got {self.rank!r}.")
 
 
-def _no_trunk_parameter(name: str) -> bool:
+# Predicates on a trunk parameter: ``(name, last_block)``, where ``name`` is as in the trunk's
+# ``named_parameters()`` and ``last_block`` is the name prefix of the trunk's last block (e.g.
+# "layers.3.blocks.1." on Swin, "blocks.11." on ViT-B).
+TrunkPredicate = Callable[[str, str], bool]
+
+
+def _no_trunk_parameter(name: str, last_block: str) -> bool:
     return False
 
 
-def _every_trunk_parameter(name: str) -> bool:
+def _every_trunk_parameter(name: str, last_block: str) -> bool:
     return True
 
 
@@ -63,17 +70,19 @@ class TuningMethod:
         name: the name used in configs.
         highway: the adapters of the E3VA highway, or None for no highway.
         losa: the low-rank mixers of a LoSA side network (``e3va.losa``), or None for none.
-        trunk_trainable: predicate on a trunk parameter's name (as in ``SwinTransformer.named_parameters``,
-            without the output norms); the trunk runs under autograd only if it selects some parameter.
+        trunk_trainable: ``(name, last_block) -> bool`` on a trunk parameter (its name as in the trunk's
+            ``named_parameters``, output norms aside; ``last_block`` is the name prefix of the trunk's last
+            block); the trunk runs under autograd only if it selects some parameter.
         train_out_norms: whether the norms between the backbone and the FPN train.
         inject: adds the method's modules to the trunk in place (baselines that live inside it), called
-            as ``inject(trunk)``, or ``inject(trunk, rank=r)`` when ``accepts_rank`` and a rank is given.
+            as ``inject(trunk, blocks)`` (``blocks``: the trunk's blocks in order), or
+            ``inject(trunk, blocks, rank=r)`` when ``accepts_rank`` and a rank is given.
     """
 
     name: str
     highway: Optional[AdapterSpec] = None
     losa: Optional[LoSASpec] = None
-    trunk_trainable: Callable[[str], bool] = _no_trunk_parameter
+    trunk_trainable: TrunkPredicate = _no_trunk_parameter
     train_out_norms: bool = False
     inject: Optional[Callable[..., None]] = None
     accepts_rank: bool = False
@@ -97,24 +106,24 @@ def get_tuning_method(name: str) -> TuningMethod:
     return TUNING_METHODS[name]
 
 
-def _is_bias(name: str) -> bool:
+def _is_bias(name: str, last_block: str) -> bool:
     # BitFit's "bias terms" include Swin's relative-position bias tables: with them, Swin-B has the
-    # paper's 0.20 M BitFit parameters.
-    return name.endswith(".bias") or name.endswith("relative_position_bias_table")
+    # paper's 0.20 M BitFit parameters. ViTDet's decomposed relative positions (rel_pos_h/w) are the
+    # plain ViT's counterpart.
+    return name.endswith((".bias", "relative_position_bias_table", ".rel_pos_h", ".rel_pos_w"))
 
 
-def _is_layer_norm(name: str) -> bool:
+def _is_layer_norm(name: str, last_block: str) -> bool:
     return ".norm" in name or name.startswith("norm") or "patch_embed.norm" in name
 
 
-def _in_last_block(name: str) -> bool:
-    # Every Swin preset ends with a two-block stage; its last block is the paper's Partial-1
-    # (12.60 M parameters on Swin-B).
-    return name.startswith("layers.3.blocks.1.")
+def _in_last_block(name: str, last_block: str) -> bool:
+    # On Swin the last block is the paper's Partial-1 (12.60 M parameters on Swin-B).
+    return name.startswith(last_block)
 
 
-def _named(*fragments: str) -> Callable[[str], bool]:
-    return lambda name: any(f in name for f in fragments)
+def _named(*fragments: str) -> TrunkPredicate:
+    return lambda name, last_block: any(f in name for f in fragments)
 
 
 register_tuning_method(TuningMethod("full", trunk_trainable=_every_trunk_parameter, train_out_norms=True))
