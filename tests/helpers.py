@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -22,7 +22,7 @@ def load_config(relpath: str):
 TINY_IMAGE = 64  # side of the test images; ViT configs pad to it instead of ViTDet's 1024
 
 
-def make_tiny(cfg, tuning: str = None):
+def make_tiny(cfg, tuning: Optional[str] = None):
     """Shrinks a config's backbone in place to its "nano" preset (Swin or ViT), for CPU tests; returns
     the backbone's config node. ``tuning`` sets the tuning method."""
     key = backbone_config_key(cfg)
