@@ -48,6 +48,14 @@ def tiny_detector(relpath: str, tuning: str = "e3va", num_classes: int = 3) -> t
     return instantiate(cfg.model)
 
 
+def perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:
+    """Adds seeded noise to every parameter of ``module`` (moves a zero-initialised side network off zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
 def synthetic_batch(batch_size: int = 2, size: int = 64, num_classes: int = 3, seed: int = 0) -> List[Dict]:
     """Detectron2-style training inputs: random images with two box+mask instances each
     (``e3va.benchmark.synthetic_batch``, which the benchmark tool also feeds its models)."""

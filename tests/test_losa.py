@@ -5,17 +5,14 @@ from detectron2.utils.events import EventStorage
 
 from e3va import E3VASwin, LowRankMixer
 from e3va.losa import mix_in_windows
-from helpers import synthetic_batch, tiny_detector
+from helpers import perturb, synthetic_batch, tiny_detector
 from test_backbone import _bytes_saved_for_backward, _trunk_outputs_during_training_step
 
 NORMS = {f"trunk.norm{i}.{w}" for i in range(4) for w in ("weight", "bias")}
 
 
 def _perturb(model, scale=0.05, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.losa.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
+    perturb(model.losa, scale, seed)
 
 
 def test_losa_starts_as_the_identity():

@@ -16,7 +16,7 @@ from e3va import (
     find_tuned_backbone,
 )
 from e3va.losa import mix_in_windows
-from helpers import load_config, make_tiny
+from helpers import load_config, make_tiny, perturb
 from test_backbone import _bytes_saved_for_backward, _trunk_outputs_during_training_step
 
 SIDE_NETWORKS = {"e3va": "highway", "losa": "losa"}
@@ -25,13 +25,6 @@ SIDE_NETWORKS = {"e3va": "highway", "losa": "losa"}
 def tiny_vit(tuning: str = "e3va", **kwargs) -> E3VAViT:
     kwargs = {"img_size": 64, "window_size": 2, "drop_path_rate": 0.0, **kwargs}
     return E3VAViT("nano", tuning=tuning, **kwargs)
-
-
-def _perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
 def _same_trunk(model: E3VAViT, reference: E3VAViT) -> None:
@@ -47,7 +40,7 @@ def test_side_network_starts_as_the_identity_and_then_changes_the_output(tuning)
     with torch.no_grad():
         expected = plain(x)["last_feat"]
         assert torch.equal(model(x)["last_feat"], expected)
-        _perturb(getattr(model, SIDE_NETWORKS[tuning]))
+        perturb(getattr(model, SIDE_NETWORKS[tuning]))
         assert not torch.allclose(model(x)["last_feat"], expected, atol=1e-4)
 
 
@@ -122,7 +115,7 @@ def test_token_grid_mismatch_names_the_expected_size():
 
 def test_windows_of_a_spatial_map_match_the_flat_layout():
     mixer = tiny_vit("losa", window_size=2).losa.mixers[0][0]
-    _perturb(mixer)
+    perturb(mixer)
     grid = torch.randn(2, 3, 5, 48)
     flat = mix_in_windows(mixer, grid.reshape(2, 15, 48), 3, 5, 2)
     torch.testing.assert_close(mix_in_windows(mixer, grid, 3, 5, 2), flat.reshape(2, 3, 5, 48))
@@ -171,7 +164,7 @@ def test_mae_layout_weights_load_by_suffix_into_every_method(tmp_path, tuning):
     """MAE's checkpoints name the ViT's parameters at the top level (``blocks.0.attn.qkv.weight``, plus a
     class token and a final norm the detector has no use for); ViTDet loads them by suffix."""
     source = tiny_vit("fixed")
-    _perturb(source.trunk, scale=1.0)
+    perturb(source.trunk, scale=1.0)
     mae = {k: v.clone() for k, v in source.trunk.state_dict().items()}
     mae["cls_token"] = torch.zeros(1, 1, 48)
     path = tmp_path / "mae_pretrain_vit_nano.pth"

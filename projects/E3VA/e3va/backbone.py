@@ -28,7 +28,6 @@ import dataclasses
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import Backbone
 from torch import nn
 
@@ -189,8 +188,8 @@ class SideTunedBackbone(Backbone):
     says which of its parameters train and what runs beside it, and the side network's hooks.
 
     A subclass builds its trunk, calls :meth:`_attach_tuning`, and in ``forward`` runs the trunk inside
-    :meth:`_trunk_pass` (no autograd when nothing in the trunk trains; autocast for a low-precision trunk)
-    and each stage inside ``self._side_stage(carried)``.
+    the contexts made by :meth:`_trunk_pass` (no autograd when nothing in the trunk trains; autocast for a
+    low-precision trunk) and each stage inside ``self._side_stage(carried)``.
     """
 
     trunk: nn.Module
@@ -283,25 +282,28 @@ class SideTunedBackbone(Backbone):
         return any(p.requires_grad for n, p in self.trunk.named_parameters() if not self._is_out_norm(n))
 
     # ------------------------------------------------------------------ forward helpers
-    def _autocast(self, x: torch.Tensor):
-        if self.trunk_needs_autograd:
+    def _trunk_pass(self, x: torch.Tensor) -> Callable[[], contextlib.AbstractContextManager]:
+        """A factory of the context the trunk runs in, for input ``x``: no autograd when nothing in it
+        trains (none of its activations is kept), autocast when ``trunk_dtype`` is not fp32. Decided
+        once per forward; each stage enters a fresh context from it."""
+        needs_grad = self.trunk_needs_autograd
+        low_precision = self.trunk_dtype is not torch.float32
+        if low_precision and needs_grad:
             raise ValueError(
                 f"trunk_dtype={self.trunk_dtype} is for a frozen trunk, but tuning={self.method.name!r} "
                 "trains trunk parameters; use Detectron2's AMP (train.amp.enabled=True) instead."
             )
         if self.trunk_dtype is torch.float16 and x.device.type != "cuda":
             raise ValueError(f"trunk_dtype=float16 needs CUDA, but the input is on {x.device}; use bfloat16.")
-        return torch.autocast(x.device.type, dtype=self.trunk_dtype)
 
-    @contextlib.contextmanager
-    def _trunk_pass(self, x: torch.Tensor):
-        """Runs the trunk as the method needs: no autograd when nothing in it trains (none of its
-        activations is kept), under autocast when ``trunk_dtype`` is not fp32."""
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.enable_grad() if self.trunk_needs_autograd else torch.no_grad())
-            if self.trunk_dtype is not torch.float32:
-                stack.enter_context(self._autocast(x))
-            yield
+        def enter() -> contextlib.ExitStack:
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.enable_grad() if needs_grad else torch.no_grad())
+            if low_precision:
+                stack.enter_context(torch.autocast(x.device.type, dtype=self.trunk_dtype))
+            return stack
+
+        return enter
 
     def _side_stage(self, carried: Optional[torch.Tensor]):
         """The side network's hooks for one stage (a no-op context without a side network)."""
@@ -420,12 +422,6 @@ class E3VASwin(SideTunedBackbone):
     def size_divisibility(self) -> int:
         return 32
 
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {
-            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
-            for f in self._out_features
-        }
-
     # ------------------------------------------------------------------ forward
     def _downsample_highway(self, downsample: nn.Module, y: torch.Tensor, H: int, W: int) -> torch.Tensor:
         frozen = not any(p.requires_grad for p in downsample.parameters())
@@ -437,7 +433,8 @@ class E3VASwin(SideTunedBackbone):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._check_image(x)
         trunk = self.trunk
-        with self._trunk_pass(x):
+        trunk_pass = self._trunk_pass(x)
+        with trunk_pass():
             tokens = trunk.patch_embed(x)
             Wh, Ww = tokens.shape[2], tokens.shape[3]
             tokens = trunk.pos_drop(tokens.flatten(2).transpose(1, 2))
@@ -447,7 +444,7 @@ class E3VASwin(SideTunedBackbone):
         outputs: Dict[str, torch.Tensor] = {}
         carried: Optional[torch.Tensor] = None  # the side network's state entering the stage
         for i, stage in enumerate(trunk.layers[: last + 1]):
-            with self._trunk_pass(x), self._side_stage(carried):
+            with trunk_pass(), self._side_stage(carried):
                 x_out, H, W, tokens, Wh, Ww = stage(tokens, Wh, Ww)
             y = x_out = x_out.float()
             if self._taps is not None:

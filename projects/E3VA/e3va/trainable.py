@@ -85,12 +85,12 @@ def base_fingerprint(model: nn.Module) -> str:
 
 def tuning_method_of(model: nn.Module) -> Optional[str]:
     """The tuning method of the model's E3VA backbone, or None when it has none."""
-    from .backbone import SideTunedBackbone  # local: the backbone pulls in Detectron2's modeling
+    from .backbone import find_tuned_backbone  # local: the backbone pulls in Detectron2's modeling
 
-    for module in _unwrap(model).modules():
-        if isinstance(module, SideTunedBackbone):
-            return module.method.name
-    return None
+    try:
+        return find_tuned_backbone(model)[1].method.name
+    except ValueError:
+        return None
 
 
 def trainable_metadata(model: nn.Module, config: Optional[str] = None) -> Dict[str, Any]:

@@ -19,7 +19,6 @@ from functools import partial
 from typing import Any, Dict, Optional, Sequence
 
 import torch
-from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.vit import ViT
 from torch import nn
 
@@ -149,11 +148,14 @@ class E3VAViT(SideTunedBackbone):
             pretrain_img_size=pretrain_img_size,
             out_feature=out_feature,
         )
-        embed_dim = vit_preset(size)["embed_dim"]
+        # The trunk's own output names, channels and strides are the backbone's (Backbone.output_shape).
+        self._out_features = list(self.trunk._out_features)
+        self._out_feature_channels = dict(self.trunk._out_feature_channels)
+        self._out_feature_strides = dict(self.trunk._out_feature_strides)
         self._attach_tuning(
             tuning=tuning,
             blocks_by_stage=[list(self.trunk.blocks)],
-            stage_dims=[embed_dim],
+            stage_dims=[self._out_feature_channels[out_feature]],
             window_size=window_size,
             grid_of=lambda block, output: (output.shape[1], output.shape[2]),  # ViT blocks map (B, H, W, C)
             rank=rank,
@@ -163,18 +165,11 @@ class E3VAViT(SideTunedBackbone):
             saved_input_dtype=saved_input_dtype,
             trunk_dtype=trunk_dtype,
         )
-        self._out_features = [out_feature]
-        self._out_feature_channels = {out_feature: embed_dim}
-        self._out_feature_strides = {out_feature: patch_size}
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        name = self._out_features[0]
-        return {name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])}
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._check_image(x)
         name = self._out_features[0]
-        with self._trunk_pass(x), self._side_stage(None):
+        with self._trunk_pass(x)(), self._side_stage(None):
             features = self.trunk(x)[name]  # (B, C, H, W), the trunk's own forward
         features = features.float()
         if self._taps is not None:
