@@ -4,9 +4,10 @@ import torch
 from detectron2.utils.events import EventStorage
 
 from e3va import E3VASwin, LowRankMixer
+from e3va.benchmark import bytes_saved_for_backward
 from e3va.losa import mix_in_windows
 from helpers import perturb, synthetic_batch, tiny_detector
-from test_backbone import _bytes_saved_for_backward, _trunk_outputs_during_training_step
+from test_backbone import _trunk_outputs_during_training_step
 
 NORMS = {f"trunk.norm{i}.{w}" for i in range(4) for w in ("weight", "bias")}
 
@@ -65,7 +66,7 @@ def test_trunk_runs_without_autograd_and_little_is_kept_for_backward():
     assert all(v.requires_grad for v in out.values())
     x = torch.randn(2, 3, 96, 96)
     saved = {
-        key: _bytes_saved_for_backward(E3VASwin("nano", tuning=tuning, fused_adapters=fused).train(), x)
+        key: bytes_saved_for_backward(E3VASwin("nano", tuning=tuning, fused_adapters=fused).train(), x)
         for key, tuning, fused in [("full", "full", True), ("plain", "losa", False), ("fused", "losa", True)]
     }
     assert saved["fused"] < 0.5 * saved["plain"] and saved["fused"] < 0.25 * saved["full"], saved

@@ -61,6 +61,23 @@ def test_trainable_only_file_completes_the_same_base(tmp_path):
     assert not any(".trunk." in k and "highway" not in k and "norm" not in k for k in saved)  # no frozen trunk
 
 
+def test_frozen_random_factors_travel_with_the_trainable_file(tmp_path):
+    """e3va_fa's frozen down-projection factors are random, not pretrained: the file must carry them."""
+    trained = _detector("e3va_fa")
+    _train_a_little(trained)
+    path = save_trainable(trained, tmp_path / "task.pth")
+    fresh = _detector("e3va_fa")
+    factors = {n: b for n, b in fresh.named_buffers() if ".down.v" in n}
+    assert factors
+    with torch.no_grad():
+        for b in factors.values():
+            b.normal_()  # another draw, as a process with another random state would make
+    load_trainable(fresh, path)
+    expected = dict(trained.named_buffers())
+    for name, b in factors.items():
+        assert torch.equal(b, expected[name]), name
+
+
 def test_trainable_only_file_is_refused_by_another_method_base_or_shape(tmp_path):
     trained = _detector()
     _train_a_little(trained)

@@ -40,7 +40,7 @@ def test_each_method_trains_what_it_says(method, expected):
     assert model.highway is None and model.trunk_needs_autograd
 
 
-@pytest.mark.parametrize("method", ["fixed", "e3va", "e3va_plus", "e3va_plusplus"])
+@pytest.mark.parametrize("method", ["fixed", "e3va", "e3va_plus", "e3va_plusplus", "e3va_fa", "losa"])
 def test_methods_that_train_nothing_in_the_trunk_run_it_without_autograd(method):
     model = E3VASwin("nano", tuning=method)
     assert _trainable_trunk_names(model) == set() and not model.trunk_needs_autograd

@@ -15,9 +15,10 @@ from e3va import (
     backbone_config_key,
     find_tuned_backbone,
 )
+from e3va.benchmark import bytes_saved_for_backward
 from e3va.losa import mix_in_windows
 from helpers import load_config, make_tiny, perturb
-from test_backbone import _bytes_saved_for_backward, _trunk_outputs_during_training_step
+from test_backbone import _trunk_outputs_during_training_step
 
 SIDE_NETWORKS = {"e3va": "highway", "losa": "losa"}
 
@@ -63,7 +64,7 @@ def test_frozen_trunk_runs_without_autograd_and_little_is_kept_for_backward(tuni
     assert all(t.grad_fn is None and not t.requires_grad for t in trunk_outputs)
     assert out["last_feat"].requires_grad == (tuning != "fixed")
     x = torch.randn(2, 3, 64, 64)
-    saved = {t: _bytes_saved_for_backward(tiny_vit(t).train(), x) for t in ("full", tuning)}
+    saved = {t: bytes_saved_for_backward(tiny_vit(t).train(), x) for t in ("full", tuning)}
     assert saved[tuning] < 0.25 * saved["full"], saved
 
 
@@ -78,8 +79,9 @@ def test_every_method_trains_what_it_says_on_the_vit(method):
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     trunk_trained = {n[len("trunk."):] for n in trained if n.startswith("trunk.")}
     side = trained - {f"trunk.{n}" for n in trunk_trained}
-    if method in ("e3va", "e3va_plus", "e3va_plusplus"):
+    if method in ("e3va", "e3va_plus", "e3va_plusplus", "e3va_fa"):
         assert trained and all(n.startswith("highway.") for n in trained)
+        assert any(".down.v" in n for n in trained) == (method != "e3va_fa")
     elif method == "losa":
         assert trained and all(n.startswith("losa.") for n in trained)
     elif method == "fixed":

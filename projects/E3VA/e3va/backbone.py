@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from detectron2.modeling.backbone import Backbone
 from torch import nn
 
-from .adapters import HighwayAdapter, RecomputedFromCompactInput, saved_input_dtype_of
+from .adapters import CompactInput, HighwayAdapter, Packed, RecomputedFromCompactInput
 from .losa import LoSASideNetwork
 from .swin import build_swin_trunk
 from .tuning import AdapterSpec, TuningMethod, get_tuning_method
@@ -70,7 +71,8 @@ class AdapterHighway(nn.Module):
         for dim, depth in zip(stage_dims, depths):
             bottleneck = max(1, int(round(dim * spec.bottleneck_ratio)))
             make = lambda: HighwayAdapter(  # noqa: E731
-                dim, bottleneck, spec.rank, spec.activation, fused=fused, saved_input_dtype=saved_input_dtype
+                dim, bottleneck, spec.rank, spec.activation, fused=fused, saved_input_dtype=saved_input_dtype,
+                train_down_input_factors=spec.train_down_input_factors,
             )
             self.beside_attn.append(nn.ModuleList([make() for _ in range(depth)]))
             self.beside_mlp.append(nn.ModuleList([make() for _ in range(depth)]))
@@ -127,6 +129,7 @@ class _HighwayTaps(_SideTaps):
     def __init__(self, blocks_by_stage: Sequence[Sequence[nn.Module]], highway: AdapterHighway) -> None:
         super().__init__()
         self.total: Optional[torch.Tensor] = None
+        self._total_is_ours = False  # True once `total` is a buffer of this class's own, safe to add to in place
         self.carried: Optional[torch.Tensor] = None
         for blocks, attn_adapters, mlp_adapters in zip(blocks_by_stage, highway.beside_attn, highway.beside_mlp):
             for block, beside_attn, beside_mlp in zip(blocks, attn_adapters, mlp_adapters):
@@ -137,13 +140,23 @@ class _HighwayTaps(_SideTaps):
         def hook(module: nn.Module, args) -> None:
             if self.active:
                 with self.side_mode(args[0]):
-                    out = adapter(args[0].float())
-                    self.total = out if self.total is None else self.total + out
+                    self._accumulate(adapter(args[0].float()))
 
         return hook
 
+    def _accumulate(self, out: torch.Tensor) -> None:
+        # In place after the first addition: a sum keeps nothing for backward, and this saves an N x C
+        # buffer per adapter (fresh kernel pages each time under a low mmap threshold). The first
+        # adapter's output is not added to in place: autograd forbids it for a custom function's output.
+        if self.total is None:
+            self.total = out
+        elif self._total_is_ours:
+            self.total.add_(out)
+        else:
+            self.total, self._total_is_ours = self.total + out, True
+
     def begin(self, carried: Optional[torch.Tensor]) -> None:
-        self.carried, self.total = carried, None
+        self.carried, self.total, self._total_is_ours = carried, None, False
 
     def end(self) -> torch.Tensor:
         delta = self.total if self.carried is None else self.carried + self.total
@@ -248,7 +261,7 @@ class SideTunedBackbone(Backbone):
                 )
             spec = AdapterSpec(**{**spec.__dict__, **overrides})
         self._fused = fused_adapters
-        self._saved_dtype = saved_input_dtype_of(saved_input_dtype)
+        self._compact = CompactInput(saved_input_dtype)
         self.highway: Optional[AdapterHighway] = None
         self.losa: Optional[LoSASideNetwork] = None
         self._taps: Optional[_SideTaps] = None  # the side network's hooks on the trunk, if any
@@ -304,6 +317,27 @@ class SideTunedBackbone(Backbone):
             return stack
 
         return enter
+
+    def _pack_adapted_output(self, y: torch.Tensor) -> Optional[Packed]:
+        """A stage's adapted output ``y`` (trunk output plus side state) packed for backward, as
+        ``saved_input_dtype`` says, once for every layer that reads it; None without a fused side network
+        (those layers then keep what plain autograd keeps)."""
+        if self._fused and self._taps is not None and torch.is_grad_enabled() and y.requires_grad:
+            return self._compact.pack(y)
+        return None
+
+    @staticmethod
+    def _recomputed(
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        y: torch.Tensor,
+        packed: Optional[Packed],
+        params: Sequence[nn.Parameter] = (),
+    ) -> torch.Tensor:
+        """``fn(y)``; given ``packed`` (from :meth:`_pack_adapted_output`), autograd keeps only it and runs
+        ``fn`` again in backward. ``params`` are ``fn``'s trainable parameters."""
+        if packed is None:
+            return fn(y)
+        return RecomputedFromCompactInput.apply(fn, packed, y, *params)
 
     def _side_stage(self, carried: Optional[torch.Tensor]):
         """The side network's hooks for one stage (a no-op context without a side network)."""
@@ -368,7 +402,9 @@ class E3VASwin(SideTunedBackbone):
             through memory-lean autograd functions that store only their input and recompute the rest in
             backward (same outputs and gradients as the plain graph, see ``e3va.adapters`` and
             ``e3va.losa``); False for the plain graph.
-        saved_input_dtype: how those functions store their input for backward: "bfloat16" or "float32".
+        saved_input_dtype: how those functions, and the trainable norms before the FPN, store their input
+            for backward: "bfloat16", "float32" or "float8_e4m3fn" (a quarter of fp32, scaled per token;
+            see ``e3va.adapters.CompactInput``).
         trunk_dtype: "bfloat16" (or "float16", CUDA only) runs a frozen trunk under autocast; it needs no
             fp32 autograd. The highway, the output norms and the patch merging it crosses stay fp32.
     """
@@ -423,13 +459,6 @@ class E3VASwin(SideTunedBackbone):
         return 32
 
     # ------------------------------------------------------------------ forward
-    def _downsample_highway(self, downsample: nn.Module, y: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        frozen = not any(p.requires_grad for p in downsample.parameters())
-        if self._fused and frozen and y.requires_grad:
-            # Only y is kept (compactly); the cheap frozen layer runs again in backward.
-            return RecomputedFromCompactInput.apply(lambda t: downsample(t, H, W), self._saved_dtype, y)
-        return downsample(y, H, W)
-
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._check_image(x)
         trunk = self.trunk
@@ -447,12 +476,18 @@ class E3VASwin(SideTunedBackbone):
             with trunk_pass(), self._side_stage(carried):
                 x_out, H, W, tokens, Wh, Ww = stage(tokens, Wh, Ww)
             y = x_out = x_out.float()
+            packed = None  # y, kept once for the patch merging's and the output norm's backward
             if self._taps is not None:
                 y = x_out + self._taps.end()
+                packed = self._pack_adapted_output(y)
                 if stage.downsample is not None and i < last:
                     # Frozen patch merging, with autograd for the side network's share of its input only.
-                    carried = self._downsample_highway(stage.downsample, y, H, W) - tokens
+                    frozen = not any(p.requires_grad for p in stage.downsample.parameters())
+                    merge = functools.partial(stage.downsample, H=H, W=W)  # bound now: backward runs it later
+                    merged = self._recomputed(merge, y, packed if frozen else None)
+                    carried = merged - tokens
             if i in wanted:
-                out = self.out_norm(i)(y)
+                norm = self.out_norm(i)
+                out = self._recomputed(norm, y, packed, [p for p in norm.parameters() if p.requires_grad])
                 outputs[f"p{i}"] = out.view(-1, H, W, out.shape[-1]).permute(0, 3, 1, 2).contiguous()
         return outputs

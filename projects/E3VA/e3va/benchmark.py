@@ -710,6 +710,20 @@ def plot_results(records: Sequence[Mapping[str, Any]], path: Path, title: str = 
 
 
 # --------------------------------------------------------------------------- worker entry point
+def bytes_saved_for_backward(model: torch.nn.Module, *inputs: Any) -> int:
+    """Bytes of the storages autograd keeps for backward during ``model(*inputs)``, each counted once
+    (several layers may keep the same tensor): the activation memory a training step holds."""
+    kept: Dict[int, torch.Tensor] = {}  # by storage address; holding the tensor keeps the address unique
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*inputs)
+    return sum(t.untyped_storage().nbytes() for t in kept.values())
+
+
 def _worker_main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m e3va.benchmark --method M --settings JSON --result-file PATH``: measures one method
     and writes its record (``status`` ``"failed: ..."`` and exit code 1 on an exception)."""

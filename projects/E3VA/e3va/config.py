@@ -27,6 +27,8 @@ def add_e3va_config(cfg: CN) -> CN:
     cfg.MODEL.E3VA.RANK = 0
     cfg.MODEL.E3VA.BOTTLENECK_RATIO = 0.0
     cfg.MODEL.E3VA.ACTIVATION = ""
+    cfg.MODEL.E3VA.SAVED_INPUT_DTYPE = "bfloat16"
+    cfg.MODEL.E3VA.TRUNK_DTYPE = "float32"
     return cfg
 
 
@@ -45,6 +47,8 @@ def build_e3va_swin_backbone(cfg: CN, input_shape: ShapeSpec) -> E3VASwin:
         rank=e.RANK or None,
         bottleneck_ratio=e.BOTTLENECK_RATIO or None,
         activation=e.ACTIVATION or None,
+        saved_input_dtype=e.SAVED_INPUT_DTYPE,
+        trunk_dtype=e.TRUNK_DTYPE,
     )
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import ACTIVATIONS, RecomputedFromCompactInput, saved_input_dtype_of
+from .adapters import ACTIVATIONS, CompactInput, RecomputedFromCompactInput
 
 __all__ = ["LowRankMLP", "LowRankMixer", "LoSASideNetwork"]
 
@@ -136,7 +136,7 @@ class LoSASideNetwork(nn.Module):
         super().__init__()
         self.window_size = window_size
         self.fused = fused
-        self.saved_dtype = saved_input_dtype_of(saved_input_dtype)
+        self.compact = CompactInput(saved_input_dtype)
         self.mixers = nn.ModuleList(
             nn.ModuleList(LowRankMixer(dim, window_size**2, rank, activation) for _ in range(depth))
             for dim, depth in zip(stage_dims, depths)
@@ -151,7 +151,7 @@ class LoSASideNetwork(nn.Module):
         fn = functools.partial(mix_in_windows, mixer, H=H, W=W, window_size=self.window_size)
         params = [p for p in mixer.parameters() if p.requires_grad]
         if self.fused and torch.is_grad_enabled() and (z.requires_grad or params):
-            g = RecomputedFromCompactInput.apply(fn, self.saved_dtype, z, *params)
+            g = RecomputedFromCompactInput.apply(fn, self.compact.pack(z), z, *params)
         else:
             g = fn(z)
         return g if state is None else state + g

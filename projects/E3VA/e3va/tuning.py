@@ -23,11 +23,17 @@ __all__ = [
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """Shape of every highway adapter: bottleneck width = ``bottleneck_ratio`` x the stage's width."""
+    """Shape of every highway adapter: bottleneck width = ``bottleneck_ratio`` x the stage's width.
+
+    ``train_down_input_factors=False`` keeps the down projection's input-side factors ``V1, V2`` at
+    their random initialisation (as LoRA-FA freezes LoRA's ``A``): the adapter then needs only the
+    rank-``2r`` projection of its input for backward, not the input itself.
+    """
 
     rank: int
     bottleneck_ratio: float = 0.5
     activation: str = "gelu"
+    train_down_input_factors: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -161,6 +167,12 @@ register_tuning_method(
 register_tuning_method(TuningMethod("e3va", highway=AdapterSpec(rank=8), train_out_norms=True))
 register_tuning_method(TuningMethod("e3va_plus", highway=AdapterSpec(rank=16), train_out_norms=True))
 register_tuning_method(TuningMethod("e3va_plusplus", highway=AdapterSpec(rank=32), train_out_norms=True))
+# Beyond the paper: e3va with frozen random down-projection input factors, which keeps a rank-16 projection
+# of each adapter's input for backward instead of the input (the activation memory of a frozen trunk's
+# highway is mostly those inputs). Its accuracy is measured in the README's transfer study.
+register_tuning_method(
+    TuningMethod("e3va_fa", highway=AdapterSpec(rank=8, train_down_input_factors=False), train_out_norms=True)
+)
 
 # LoSA (Mercea et al., CVPR 2024): a side network of low-rank mixers beside the frozen trunk. Rank 45 gives
 # 1.21 M trainable parameters on Swin-B (window 7, output norms included), e3va's budget (1.20 M).
