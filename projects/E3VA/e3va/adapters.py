@@ -163,7 +163,7 @@ class _LowRankAdapterFunction(torch.autograd.Function):
         g = grad_out.flatten(0, -2)
         x, t = (kept, kept @ v_down.t()) if ctx.kept_input else (None, kept)  # t: N x 2r
         with torch.enable_grad():
-            z = torch.addmm(b_down, t, u_down.t()).requires_grad_()
+            z = torch.addmm(b_down, t, u_down.t()).detach().requires_grad_()  # a graph from z to act(z) only
             a = ctx.act(z)
         s = a.detach() @ v_up.t()  # N x 2r
         g_s = g @ u_up  # N x 2r
