@@ -169,7 +169,8 @@ register_tuning_method(TuningMethod("e3va_plus", highway=AdapterSpec(rank=16), t
 register_tuning_method(TuningMethod("e3va_plusplus", highway=AdapterSpec(rank=32), train_out_norms=True))
 # Beyond the paper: e3va with frozen random down-projection input factors, which keeps a rank-16 projection
 # of each adapter's input for backward instead of the input (the activation memory of a frozen trunk's
-# highway is mostly those inputs). Its accuracy is measured in the README's transfer study.
+# highway is mostly those inputs). It meets a frozen trunk's memory on Swin but, in the README's transfer
+# study, loses E3VA's accuracy gain: an experiment, not a recommendation.
 register_tuning_method(
     TuningMethod("e3va_fa", highway=AdapterSpec(rank=8, train_down_input_factors=False), train_out_norms=True)
 )
