@@ -193,6 +193,41 @@ def test_non_rgb_image_is_refused_with_its_shape(channels):
         model(torch.randn(1, channels, 32, 32))
 
 
+@pytest.mark.parametrize("tuning", ["e3va", "losa"])
+def test_compiled_trunk_gives_the_eager_outputs_and_gradients(tuning):
+    """compile_trunk compiles each block's attention and MLP in place; the side network's hooks still run.
+
+    The "eager" backend traces with TorchDynamo as "inductor" does but skips code generation, which takes
+    minutes on a small CPU; tools/trunk_precision_drift.py --compile measures inductor itself."""
+    torch.manual_seed(0)
+    eager = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0).eval()
+    compiled = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0, compile_trunk="eager").eval()
+    compiled.load_state_dict(eager.state_dict())  # in-place compilation keeps the parameter names
+    assert compiled.compile_backend == "eager" and eager.compile_backend is None
+    blocks = [b for stage in compiled.trunk.layers for b in stage.blocks]
+    assert all(b.attn._compiled_call_impl is not None and b.mlp._compiled_call_impl is not None for b in blocks)
+    torch._dynamo.reset()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for p in (eager.highway or eager.losa).parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    compiled.load_state_dict(eager.state_dict())
+    out_a, grads_a = _outputs_and_grads(eager, x)
+    out_b, grads_b = _outputs_and_grads(compiled, x)
+    assert set(grads_a) == set(grads_b) and len(grads_a) > 10
+    for k in out_a:
+        torch.testing.assert_close(out_b[k], out_a[k], rtol=1e-5, atol=1e-5)
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_trunk_errors_name_the_problem():
+    with pytest.raises(ValueError, match="'not_a_backend'.*inductor"):
+        E3VASwin("nano", compile_trunk="not_a_backend")
+    with pytest.raises(ValueError, match="frozen trunk.*'lora'"):
+        E3VASwin("nano", tuning="lora", compile_trunk=True)
+
+
 def test_yacs_builder_through_detectron2_registry():
     cfg = add_e3va_config(get_cfg())
     cfg.MODEL.BACKBONE.NAME = "build_e3va_swin_fpn_backbone"

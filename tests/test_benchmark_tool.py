@@ -2,9 +2,12 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+import e3va.benchmark as benchmark_module
 
 from e3va import TUNING_METHODS
 from e3va.benchmark import (
@@ -15,7 +18,10 @@ from e3va.benchmark import (
     format_markdown_table,
     load_benchmark_config,
     load_note,
+    merge_rounds,
+    paired_time_ratios,
     plot_results,
+    run_benchmark,
     synthetic_batch,
     write_markdown,
 )
@@ -142,3 +148,56 @@ def test_synthetic_batch_is_seeded_and_scales_with_the_image():
     assert inst.gt_boxes.tensor.max() <= 128 and inst.gt_masks.tensor.flatten(1).any(dim=1).all()
     with pytest.raises(ValueError, match="num_instances"):
         synthetic_batch(num_instances=0)
+
+
+def _round_record(method, round_, step, memory, status="ok"):
+    r = {k: None for k in RECORD_FIELDS}
+    r.update(method=method, status=status, round=round_, backbone_trainable_params=0, head_trainable_params=10,
+             trainable_params=0, total_params=100, peak_memory_mb=memory, step_time_s=step,
+             step_times_s=[step, step], load_avg_1m_before=1.0 + round_, load_avg_1m_after=1.5)
+    return r
+
+
+def test_rounds_are_interleaved_rotated_and_merged_to_medians(tmp_path, monkeypatch):
+    calls = []
+    # Host speed drifts: every method is 1.5x slower in round 2. Paired ratios must not see it.
+    speed = {1: 1.0, 2: 1.5, 3: 1.1}
+    cost = {"fixed": 10.0, "e3va": 11.0, "lora": 14.0}
+
+    def fake_run(method, settings, work_dir, *, timeout=None):
+        calls.append((method, Path(work_dir).name))
+        k = int(Path(work_dir).name.removeprefix("round"))
+        return _round_record(method, k, cost[method] * speed[k], 800.0 + 10 * k + (method != "fixed") * 100)
+
+    monkeypatch.setattr(benchmark_module, "run_method_isolated", fake_run)
+    settings = BenchmarkSettings(CONFIG, input_size=64, batch_size=1, iters=2, warmup=0)
+    seen = []
+    records = run_benchmark(["fixed", "e3va", "lora"], settings, tmp_path, rounds=3, on_record=seen.append)
+    assert [m for m, _ in calls] == ["fixed", "e3va", "lora", "e3va", "lora", "fixed", "lora", "fixed", "e3va"]
+    assert [d for _, d in calls] == ["round1"] * 3 + ["round2"] * 3 + ["round3"] * 3
+    assert [r["round"] for r in seen] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+    fixed, e3va, lora = records
+    assert [r["method"] for r in records] == ["fixed", "e3va", "lora"] and e3va["rounds"] == 3
+    assert e3va["round_step_time_s"] == pytest.approx([11.0, 16.5, 12.1])
+    assert e3va["step_time_s"] == pytest.approx(12.1) and len(e3va["step_times_s"]) == 6
+    assert e3va["peak_memory_mb"] == pytest.approx(920.0)  # median of 910, 920, 930
+    assert (e3va["load_avg_1m_before"], e3va["load_avg_1m_after"]) == (1.5, 4.0)
+    assert paired_time_ratios(e3va, fixed) == pytest.approx([1.1, 1.1, 1.1])
+    table = format_markdown_table(records)
+    assert "| 1.10× (1.10–1.10) |" in table and "1.40× (1.40–1.40)" in table  # the drift cancels
+    assert plot_results(records, tmp_path / "rounds.png").read_bytes().startswith(PNG_MAGIC)
+
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1, got 0"):
+        run_benchmark(["fixed"], settings, tmp_path, rounds=0)
+
+
+def test_a_failure_in_any_round_fails_the_method():
+    runs = [_round_record("e3va", 1, 2.0, 900.0),
+            _round_record("e3va", 2, None, None, status="failed: killed by signal SIGKILL"),
+            _round_record("fixed", 1, 2.0, 800.0)]
+    e3va, fixed = merge_rounds(runs)
+    assert e3va["status"] == "failed: in round 2 of 2: killed by signal SIGKILL"
+    assert fixed["status"] == "ok" and "rounds" not in fixed  # one record: returned as it was
+    assert paired_time_ratios(fixed, fixed) == []  # one round: no per-round ratios
+    assert "| e3va (failed) |" in format_markdown_table([fixed, e3va])

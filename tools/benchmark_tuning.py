@@ -7,7 +7,11 @@ DIR/results.png (bar charts); worker logs go to DIR/logs/.
 
     python tools/benchmark_tuning.py --config-file configs/COCO/mask_rcnn_swin_t_e3va.py \\
         --methods full,fixed,e3va --iters 5 --warmup 2 --input-size 512 --batch-size 2 \\
-        --output output/bench [--device cpu|cuda] [KEY=VALUE ...]
+        --output output/bench [--rounds R] [--device cpu|cuda] [KEY=VALUE ...]
+
+--rounds R measures every method R times, interleaved (round k runs the methods in an order rotated by
+k), and reports medians over the rounds; the step-time ratio to `fixed` is then the median of the
+per-round ratios, with their range: on a host whose speed drifts, a comparison within a round is fairer.
 
 KEY=VALUE are LazyConfig overrides, e.g. model.backbone.bottom_up.size=nano. Peak memory is, on CUDA,
 max_memory_allocated over the steps; on the CPU, the peak resident set over the steps minus the resident
@@ -26,6 +30,7 @@ from e3va.benchmark import (
     BenchmarkSettings,
     load_benchmark_config,
     load_note,
+    merge_rounds,
     plot_results,
     run_benchmark,
     summary_line,
@@ -46,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated, from: {', '.join(TUNING_METHODS)} (default: all)")
     parser.add_argument("--iters", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every method this many times, interleaved; report medians (default 1)")
     parser.add_argument("--input-size", type=int, default=512, help="square image side, pixels")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--output", required=True, help="output directory")
@@ -62,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"unknown tuning method(s) {unknown or [args.methods]} in --methods; "
                      f"valid names: {', '.join(TUNING_METHODS)}")
     args.methods = list(dict.fromkeys(methods))  # a repeated name would only measure the same thing twice
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     try:
@@ -89,12 +98,14 @@ def main(argv=None) -> int:
 
     def on_record(record):
         print(summary_line(record), flush=True)
-        write_results_json(records_so_far + [record], out / "results.json")  # partial results survive
         records_so_far.append(record)
+        # Partial results survive an interrupted run.
+        write_results_json(merge_rounds(records_so_far, order=args.methods), out / "results.json")
 
     records_so_far = []
     timeout = args.timeout if args.timeout > 0 else None
-    records = run_benchmark(args.methods, settings, out / "logs", timeout=timeout, on_record=on_record)
+    records = run_benchmark(args.methods, settings, out / "logs", rounds=args.rounds, timeout=timeout,
+                            on_record=on_record)
 
     device = next((r["device"] for r in records if r.get("device")), settings.device)
     meta = {
@@ -103,7 +114,9 @@ def main(argv=None) -> int:
                  f"{settings.instances_per_image} instances/image (synthetic, seed {settings.seed})",
         "Device": device,
         "Iterations": f"{settings.iters} timed (median) after {settings.warmup} warm-up; "
-                      "forward + backward + AdamW step over trainable params",
+                      "forward + backward + AdamW step over trainable params"
+                      + (f"; {args.rounds} interleaved rounds, each method's median over them, time vs fixed "
+                         "as the median (range) of the per-round ratios" if args.rounds > 1 else ""),
         "Peak memory": "CUDA max_memory_allocated" if settings.device.startswith("cuda")
                        else "peak RSS over the steps minus RSS before the first step "
                             f"(MALLOC_MMAP_THRESHOLD_={_mmap_threshold(records)})",

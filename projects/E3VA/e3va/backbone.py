@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.modeling.backbone import Backbone
@@ -222,6 +222,7 @@ class SideTunedBackbone(Backbone):
         fused_adapters: bool = True,
         saved_input_dtype: str = "bfloat16",
         trunk_dtype: str = "float32",
+        compile_trunk: Union[bool, str] = False,
     ) -> None:
         """Applies the method ``tuning`` to ``self.trunk`` (whose blocks, by stage, are ``blocks_by_stage``).
 
@@ -277,6 +278,7 @@ class SideTunedBackbone(Backbone):
             )
             self._taps = _LoSATaps(blocks_by_stage, self.losa, grid_of)
         self._freeze_trunk()
+        self.compile_backend = self._compile_trunk_blocks(blocks, compile_trunk)
 
     # ------------------------------------------------------------------ parameters
     def _is_out_norm(self, name: str) -> bool:
@@ -288,6 +290,29 @@ class SideTunedBackbone(Backbone):
                 param.requires_grad_(self.method.train_out_norms)
             else:
                 param.requires_grad_(self.method.trunk_trainable(name, self._last_block))
+
+    def _compile_trunk_blocks(self, blocks: Sequence[nn.Module], compile_trunk: Union[bool, str]) -> Optional[str]:
+        """Compiles, in place, the attention and the MLP of every trunk block with ``torch.compile``
+        (``True``: the "inductor" backend; a string: that backend). Returns the backend, None when off.
+
+        Only these sub-layers: the side network's hooks sit on each block and its ``norm2`` and must run
+        eagerly, with autograd, between them. In-place compilation keeps the parameter names, so
+        checkpoints load either way. For a frozen trunk only, which runs without autograd.
+        """
+        if compile_trunk is False:
+            return None
+        backend = "inductor" if compile_trunk is True else compile_trunk
+        valid = torch._dynamo.list_backends(exclude_tags=())
+        if not isinstance(backend, str) or backend not in valid:
+            raise ValueError(f"compile_trunk={compile_trunk!r}: expected False, True or a torch.compile backend "
+                             f"name, one of {valid}.")
+        if self.trunk_needs_autograd:
+            raise ValueError(f"compile_trunk is for a frozen trunk, but tuning={self.method.name!r} trains trunk "
+                             "parameters; use a method that freezes the trunk (e.g. fixed, e3va, losa).")
+        for block in blocks:
+            for name in ("attn", "mlp"):
+                getattr(block, name).compile(backend=backend)
+        return backend
 
     @property
     def trunk_needs_autograd(self) -> bool:
@@ -407,6 +432,8 @@ class E3VASwin(SideTunedBackbone):
             see ``e3va.adapters.CompactInput``).
         trunk_dtype: "bfloat16" (or "float16", CUDA only) runs a frozen trunk under autocast; it needs no
             fp32 autograd. The highway, the output norms and the patch merging it crosses stay fp32.
+        compile_trunk: True compiles a frozen trunk's attention and MLP layers with ``torch.compile``
+            (or a backend name, e.g. "inductor"); the first step pays the compilation.
     """
 
     def __init__(
@@ -423,6 +450,7 @@ class E3VASwin(SideTunedBackbone):
         fused_adapters: bool = True,
         saved_input_dtype: str = "bfloat16",
         trunk_dtype: str = "float32",
+        compile_trunk: Union[bool, str] = False,
     ) -> None:
         super().__init__()
         valid = ("p0", "p1", "p2", "p3")
@@ -446,6 +474,7 @@ class E3VASwin(SideTunedBackbone):
             fused_adapters=fused_adapters,
             saved_input_dtype=saved_input_dtype,
             trunk_dtype=trunk_dtype,
+            compile_trunk=compile_trunk,
         )
         self._out_feature_channels = {f"p{i}": stage_dims[i] for i in range(4)}
         self._out_feature_strides = {f"p{i}": 2 ** (i + 2) for i in range(4)}

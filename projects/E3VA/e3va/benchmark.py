@@ -12,7 +12,10 @@ backbone parameters, peak training memory and time per step. This module measure
 * :func:`run_method_isolated` runs it in a fresh Python process (``python -m e3va.benchmark``), because
   a process's allocator caches and high-water marks would otherwise leak from one method into the next;
 * :func:`run_benchmark` does that for every method, and a failing method gives a ``"failed: ..."``
-  record instead of stopping the others;
+  record instead of stopping the others. With ``rounds > 1`` it measures every method once per round,
+  interleaved (each round in a rotated order), and :func:`merge_rounds` reports per method the median
+  over rounds: a host whose speed drifts over minutes then slows every method alike, and a step-time
+  ratio is taken between methods of the same round (:func:`paired_time_ratios`);
 * :func:`write_results_json`, :func:`format_markdown_table` / :func:`write_markdown` and
   :func:`plot_results` write ``results.json``, a paper-style table and a bar chart.
 
@@ -59,6 +62,8 @@ __all__ = [
     "load_note",
     "load_benchmark_config",
     "measure_method",
+    "merge_rounds",
+    "paired_time_ratios",
     "plot_results",
     "run_benchmark",
     "run_method_isolated",
@@ -502,23 +507,99 @@ def run_method_isolated(
     return failed_record(method, settings, _failure_from_log(log_file.read_text(), returncode), **known)
 
 
+def round_order(methods: Sequence[str], round_index: int) -> List[str]:
+    """The order of round ``round_index`` (0-based): ``methods`` rotated by it, so that no method always
+    runs first, or always right after the same one."""
+    shift = round_index % len(methods) if methods else 0
+    return list(methods[shift:]) + list(methods[:shift])
+
+
 def run_benchmark(
     methods: Sequence[str],
     settings: BenchmarkSettings,
     work_dir: Path,
     *,
+    rounds: int = 1,
     timeout: Optional[float] = None,
     on_record: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> List[Dict[str, Any]]:
-    """Measures every method, each in its own process, in order; ``on_record`` sees each record as it
-    arrives (to print it, or to save partial results)."""
-    records = []
-    for method in methods:
-        record = run_method_isolated(method, settings, work_dir, timeout=timeout)
-        records.append(record)
-        if on_record is not None:
-            on_record(record)
-    return records
+    """Measures every method, each in its own process, ``rounds`` times (interleaved, see
+    :func:`round_order`), and returns one record per method in ``methods``' order (:func:`merge_rounds`).
+    ``on_record`` sees each process's record as it arrives (to print it, or to save partial results);
+    with several rounds those carry ``round`` (1-based) and their logs go to ``work_dir/round<k>/``."""
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}.")
+    measured = []
+    for k in range(rounds):
+        round_dir = Path(work_dir) if rounds == 1 else Path(work_dir) / f"round{k + 1}"
+        for method in round_order(methods, k):
+            record = run_method_isolated(method, settings, round_dir, timeout=timeout)
+            if rounds > 1:
+                record["round"] = k + 1
+            measured.append(record)
+            if on_record is not None:
+                on_record(record)
+    return merge_rounds(measured, order=methods)
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# Per-round values that merge_rounds keeps as lists (``round_<key>``) and reports as their median.
+_PER_ROUND_MEDIANS = ("peak_memory_mb", "peak_rss_abs_mb", "memory_before_step_mb", "step_time_s", "step_cpu_time_s")
+
+
+def merge_rounds(records: Sequence[Mapping[str, Any]], order: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """One record per method from its records of several rounds (a method with one record is returned as is).
+
+    A merged record is its first round's, with ``rounds`` (how many), ``round_<key>`` (the per-round
+    values, in round order) and ``<key>`` their median for memory and time; ``step_times_s`` holds every
+    timed step of every round, and the load average spans all rounds. A method that failed in any round is
+    reported failed, with the round named. ``order`` (default: first appearance) orders the methods.
+    """
+    by_method: Dict[str, List[Mapping[str, Any]]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    names = [m for m in (order or by_method) if m in by_method]
+    merged = []
+    for name in names:
+        runs = sorted(by_method[name], key=lambda r: r.get("round") or 0)
+        if len(runs) == 1:
+            merged.append(dict(runs[0]))
+            continue
+        record = {k: v for k, v in runs[0].items() if k != "round"}
+        record["rounds"] = len(runs)
+        failed = [r for r in runs if not _ok(r)]
+        if failed:
+            first = failed[0]
+            record.update({k: v for k, v in first.items() if k != "round"})
+            reason = str(first.get("status", "failed: ?")).removeprefix("failed: ")
+            record["status"] = f"failed: in round {first.get('round')} of {len(runs)}: {reason}"
+            merged.append(record)
+            continue
+        for key in _PER_ROUND_MEDIANS:
+            record["round_" + key] = [r.get(key) for r in runs]
+            record[key] = _median(record["round_" + key])
+        record["step_times_s"] = [t for r in runs for t in r.get("step_times_s") or []]
+        record["step_cpu_times_s"] = [t for r in runs for t in r.get("step_cpu_times_s") or []]
+        loads = [r[k] for r in runs for k in ("load_avg_1m_before", "load_avg_1m_after") if r.get(k) is not None]
+        if loads:
+            record["load_avg_1m_before"], record["load_avg_1m_after"] = min(loads), max(loads)
+        merged.append(record)
+    return merged
+
+
+def paired_time_ratios(record: Mapping[str, Any], reference: Mapping[str, Any]) -> List[float]:
+    """``record``'s step time over ``reference``'s, round by round (empty unless both ran the same rounds).
+
+    Two methods of one round ran minutes apart, so their ratio is spared the host's slower drifts; the
+    spread of these ratios over rounds says how far to trust their median."""
+    mine, ref = record.get("round_step_time_s") or [], reference.get("round_step_time_s") or []
+    if len(mine) < 2 or len(mine) != len(ref) or not all(mine) or not all(ref):
+        return []
+    return [a / b for a, b in zip(mine, ref)]
 
 
 # --------------------------------------------------------------------------- reporting
@@ -539,10 +620,10 @@ def summary_line(record: Mapping[str, Any]) -> str:
     """One console line per method: method, parameters, memory, time (or why it failed)."""
     params = (f"backbone {_millions(record.get('backbone_trainable_params'))} M "
               f"(heads {_millions(record.get('head_trainable_params'))} M)")
+    name = f"{record['method']:<14}" + (f" round {record['round']}" if record.get("round") else "")
     if not _ok(record):
-        return f"{record['method']:<14} {params}  {record.get('status')}"
-    return (f"{record['method']:<14} {params}  peak memory {record['peak_memory_mb']:8.1f} MB  "
-            f"step {record['step_time_s']:7.3f} s")
+        return f"{name} {params}  {record.get('status')}"
+    return f"{name} {params}  peak memory {record['peak_memory_mb']:8.1f} MB  step {record['step_time_s']:7.3f} s"
 
 
 def _write_json_atomic(obj: Any, path: Path) -> Path:
@@ -593,6 +674,14 @@ def _ratio(value: Optional[float], ref: Optional[float]) -> str:
     return f"{value / ref:.2f}×"
 
 
+def _time_vs(record: Mapping[str, Any], reference: Mapping[str, Any]) -> str:
+    """The step-time ratio; over several rounds the median of the per-round ratios, with their range."""
+    ratios = paired_time_ratios(record, reference)
+    if not ratios or record is reference:
+        return _ratio(record.get("step_time_s"), reference.get("step_time_s"))
+    return f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def format_markdown_table(
     records: Sequence[Mapping[str, Any]], meta: Optional[Mapping[str, Any]] = None, title: str = "Tuning-method cost"
 ) -> str:
@@ -600,7 +689,9 @@ def format_markdown_table(
     lines, e.g. config, input size, device, command).
 
     Δ% columns compare with ``full`` and ratio columns with ``fixed`` when those methods are present and
-    succeeded; failed methods get a row of dashes and their reason below the table.
+    succeeded; failed methods get a row of dashes and their reason below the table. Records merged over
+    rounds (:func:`merge_rounds`) show medians, and the time ratio to ``fixed`` is the median of the
+    per-round ratios with their range in brackets.
     """
     full, fixed = _reference(records, "full"), _reference(records, "fixed")
     lines = [f"# {title}", ""]
@@ -635,7 +726,7 @@ def format_markdown_table(
             _delta(step, full and full.get("step_time_s"), is_full),
         ]
         if fixed is not None:
-            row += [_ratio(mem, fixed.get("peak_memory_mb")), _ratio(step, fixed.get("step_time_s"))]
+            row += [_ratio(mem, fixed.get("peak_memory_mb")), _time_vs(r, fixed) if ok else "—"]
         lines.append("| " + " | ".join(row) + " |")
         if not ok:
             reason = str(r.get("status") or "no status")
@@ -664,7 +755,8 @@ def _bar_color(method: str) -> str:
 def plot_results(records: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
     """Three bar charts side by side, one bar per method: peak memory, step time and backbone trainable
     parameters (symmetric-log scale, so a method training none shows a zero). Failed methods keep their
-    place with a "failed" mark instead of a bar."""
+    place with a "failed" mark instead of a bar; records merged over rounds get whiskers from their
+    smallest to their largest round."""
     # The Agg canvas directly, not pyplot: no global backend switch in a process that may have its own.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -686,15 +778,22 @@ def plot_results(records: Sequence[Mapping[str, Any]], path: Path, title: str = 
             measured = key == "backbone_trainable_params" or _ok(r)  # counts survive a failed step
             values.append(float(v) * scale if measured and v is not None else math.nan)
         heights = [0.0 if math.isnan(v) else v for v in values]
-        bars = ax.bar(x, heights, color=[_bar_color(n) for n in names])
+        spread = None
+        if any(r.get("round_" + key) for r in records):  # merged over rounds: whiskers span the rounds
+            rounds = [[float(t) * scale for t in r.get("round_" + key) or [] if t is not None] if _ok(r) else []
+                      for r in records]
+            spread = [[h - min(ts, default=h) for h, ts in zip(heights, rounds)],
+                      [max(ts, default=h) - h for h, ts in zip(heights, rounds)]]
+        bars = ax.bar(x, heights, color=[_bar_color(n) for n in names], yerr=spread, capsize=3 if spread else 0)
         if log:
             positive = [v for v in values if v > 0]
             # Linear below the smallest non-zero count, logarithmic above: zero stays visible as zero.
             smallest = min(positive) if positive else 1e-3
             ax.set_yscale("symlog", linthresh=10.0 ** math.floor(math.log10(smallest)))
-        for bar, v, r in zip(bars, values, records):
+        tops = [h + up for h, up in zip(heights, spread[1])] if spread else heights  # labels above whiskers
+        for bar, v, top in zip(bars, values, tops):
             text = "failed" if math.isnan(v) else (f"{v:.3g}" if v else "0")
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, top), ha="center", va="bottom",
                         fontsize=7, color="black" if not math.isnan(v) else "tab:red",
                         xytext=(0, 2), textcoords="offset points")
         ax.set_title(label)

@@ -29,6 +29,7 @@ def add_e3va_config(cfg: CN) -> CN:
     cfg.MODEL.E3VA.ACTIVATION = ""
     cfg.MODEL.E3VA.SAVED_INPUT_DTYPE = "bfloat16"
     cfg.MODEL.E3VA.TRUNK_DTYPE = "float32"
+    cfg.MODEL.E3VA.COMPILE_TRUNK = ""  # a torch.compile backend for the frozen trunk, e.g. "inductor"; "" = off
     return cfg
 
 
@@ -49,6 +50,7 @@ def build_e3va_swin_backbone(cfg: CN, input_shape: ShapeSpec) -> E3VASwin:
         activation=e.ACTIVATION or None,
         saved_input_dtype=e.SAVED_INPUT_DTYPE,
         trunk_dtype=e.TRUNK_DTYPE,
+        compile_trunk=e.COMPILE_TRUNK or False,
     )
 
 

@@ -16,7 +16,7 @@ The baselines (``full``, ``fixed``, ``lora``, ...) are the same methods as on Sw
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from detectron2.modeling.backbone.vit import ViT
@@ -113,7 +113,8 @@ class E3VAViT(SideTunedBackbone):
         use_rel_pos, residual_block_indexes: as Detectron2's ``ViT``.
         pretrain_img_size: the image size of the pretrained absolute positions (MAE: 224).
         out_feature: the name of the output.
-        rank, bottleneck_ratio, activation, fused_adapters, saved_input_dtype, trunk_dtype: as ``E3VASwin``.
+        rank, bottleneck_ratio, activation, fused_adapters, saved_input_dtype, trunk_dtype, compile_trunk: as
+            ``E3VASwin``.
     """
 
     def __init__(
@@ -135,6 +136,7 @@ class E3VAViT(SideTunedBackbone):
         fused_adapters: bool = True,
         saved_input_dtype: str = "bfloat16",
         trunk_dtype: str = "float32",
+        compile_trunk: Union[bool, str] = False,
     ) -> None:
         super().__init__()
         self.trunk = build_vit_trunk(
@@ -164,6 +166,7 @@ class E3VAViT(SideTunedBackbone):
             fused_adapters=fused_adapters,
             saved_input_dtype=saved_input_dtype,
             trunk_dtype=trunk_dtype,
+            compile_trunk=compile_trunk,
         )
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
