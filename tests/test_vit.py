@@ -182,3 +182,16 @@ def test_mae_layout_weights_load_by_suffix_into_every_method(tmp_path, tuning):
     assert set(loaded) == set(mae) - {"cls_token"}
     for key, value in loaded.items():
         assert torch.equal(value, mae[key]), key
+
+
+def test_compiled_vit_trunk_gives_the_eager_outputs():
+    """compile_trunk reaches the ViT blocks' attention and MLP too ("eager" backend: tracing without codegen)."""
+    torch.manual_seed(0)
+    eager = tiny_vit("e3va").eval()
+    perturb(eager.highway)
+    compiled = tiny_vit("e3va", compile_trunk="eager").eval()
+    compiled.load_state_dict(eager.state_dict())
+    assert all(b.attn._compiled_call_impl is not None and b.mlp._compiled_call_impl is not None
+               for b in compiled.trunk.blocks)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)

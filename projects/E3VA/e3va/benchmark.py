@@ -65,6 +65,7 @@ __all__ = [
     "merge_rounds",
     "paired_time_ratios",
     "plot_results",
+    "round_order",
     "run_benchmark",
     "run_method_isolated",
     "summary_line",
