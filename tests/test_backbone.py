@@ -199,7 +199,7 @@ def test_compiled_trunk_gives_the_eager_outputs_and_gradients(tuning):
     """compile_trunk compiles each block's attention and MLP in place; the side network's hooks still run.
 
     The "eager" backend traces with TorchDynamo as "inductor" does but skips code generation, which takes
-    minutes on a small CPU; tools/trunk_precision_drift.py --compile measures inductor itself."""
+    about a minute on 2 CPU cores; tools/trunk_precision_drift.py --compile measures inductor itself."""
     torch.manual_seed(0)
     eager = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0).eval()
     perturb(eager.highway or eager.losa, scale=0.02)

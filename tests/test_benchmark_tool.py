@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import e3va.benchmark as benchmark_module
-
 from e3va import TUNING_METHODS
 from e3va.benchmark import (
     RECORD_FIELDS,
