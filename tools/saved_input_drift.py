@@ -24,7 +24,7 @@ import torch
 
 from e3va import E3VASwin
 from e3va.adapters import SAVED_INPUT_DTYPES
-from e3va.benchmark import bytes_saved_for_backward
+from e3va.benchmark import bytes_saved_for_backward, write_json
 from e3va.swin import SWIN_PRESETS
 
 _MB = 1024 * 1024
@@ -97,11 +97,9 @@ def main() -> None:
         print(f"{dtype:>14}: saved for backward {r['saved_mb']:.1f} MB  gradient rel. L2 error "
               f"{r['grad_rel_l2']:.4f} (cosine {r['grad_cosine']:.5f}, worst tensor {r['worst_tensor_rel_l2']:.4f})")
     if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
         record = {"size": args.size, "input_size": args.input_size, "batch_size": args.batch_size,
                   "tuning": args.tuning, "seed": args.seed, "results": results}
-        (out / f"{args.size.lower()}_{args.tuning}_{args.input_size}.json").write_text(json.dumps(record, indent=2))
+        write_json(record, Path(args.output) / f"{args.size.lower()}_{args.tuning}_{args.input_size}.json")
     print(json.dumps(results))
 
 

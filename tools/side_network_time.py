@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from e3va import E3VASwin, TUNING_METHODS
+from e3va.benchmark import write_json
+from e3va.checkpoint import align_with_wrapped_layers
 from e3va.swin import SWIN_PRESETS
 
 REFERENCE = "fixed"
@@ -69,7 +71,11 @@ def measure_side_network_time(size: str, methods: Sequence[str], input_size: int
     models = {REFERENCE: reference}
     for method in methods[1:]:
         model = E3VASwin(size, tuning=method, drop_path_rate=0.0).train()
-        model.load_state_dict(reference.state_dict(), strict=False)  # the trunk (and its norms) of `fixed`
+        # The trunk (and its norms) of `fixed`, also where a method wraps trunk layers (PEFT's LoRA).
+        state = align_with_wrapped_layers(reference.state_dict(), model.state_dict().keys())
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"{method}: the fixed backbone's {unexpected[:5]} have no counterpart.")
         models[method] = model
     trainable = {m: [p for p in model.parameters() if p.requires_grad] for m, model in models.items()}
     optimizers = {m: torch.optim.AdamW(params, lr=1e-4) if params else None for m, params in trainable.items()}
@@ -120,13 +126,11 @@ def main() -> None:
         print(f"{method:>14}: backbone step {r['median_s']:.3f} s (median of {len(r['times_s'])}); "
               f"minus fixed's in the same iteration: {q2:+.3f} s (quartiles {q1:+.3f}, {q3:+.3f})")
     if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
         record = {"size": args.size, "input_size": args.input_size, "batch_size": args.batch_size,
                   "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
                   "num_threads": torch.get_num_threads(), "torch_version": torch.__version__,
                   "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "results": results}
-        (out / f"swin_{args.size.lower()}_{args.input_size}.json").write_text(json.dumps(record, indent=2))
+        write_json(record, Path(args.output) / f"swin_{args.size.lower()}_{args.input_size}.json")
     print(json.dumps({m: {"median_s": r["median_s"], "overhead_median_s": r["overhead_quartiles_s"][1]}
                       for m, r in results.items()}))
 

@@ -71,6 +71,7 @@ __all__ = [
     "summary_line",
     "synthetic_batch",
     "worker_environment",
+    "write_json",
     "write_markdown",
     "write_results_json",
 ]
@@ -627,8 +628,9 @@ def summary_line(record: Mapping[str, Any]) -> str:
     return f"{name} {params}  peak memory {record['peak_memory_mb']:8.1f} MB  step {record['step_time_s']:7.3f} s"
 
 
-def _write_json_atomic(obj: Any, path: Path) -> Path:
-    # Through a temporary file, so a reader (or a run killed mid-write) never sees half a file.
+def write_json(obj: Any, path: Path) -> Path:
+    """Writes ``obj`` as indented JSON to ``path``, creating its folder. Through a temporary file, so a
+    reader (or a run killed mid-write) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -654,7 +656,7 @@ def load_note(records: Sequence[Mapping[str, Any]]) -> Optional[str]:
 
 def write_results_json(records: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Writes ``records`` to ``path`` as a JSON list."""
-    return _write_json_atomic(list(records), path)
+    return write_json(list(records), path)
 
 
 def _reference(records: Sequence[Mapping[str, Any]], method: str) -> Optional[Mapping[str, Any]]:
@@ -841,7 +843,7 @@ def _worker_main(argv: Optional[Sequence[str]] = None) -> int:
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
         record = failed_record(args.method, settings, reason)
         code = 1
-    _write_json_atomic(record, Path(args.result_file))
+    write_json(record, Path(args.result_file))
     print(summary_line(record), flush=True)
     return code
 
