@@ -1,10 +1,12 @@
 """Official Swin classification checkpoints load into the trunk of an E3VA detector, for any method."""
 import pytest
 import torch
+from detectron2.config import instantiate
 
 from e3va import E3VACheckpointer, build_swin_trunk
 from e3va.checkpoint import is_swin_classification_state_dict
-from helpers import tiny_detector
+from e3va.trainable import TrainableCheckpointError, full_checkpoint
+from helpers import load_config, make_tiny, tiny_detector
 
 
 def _official_release_file(path):
@@ -37,11 +39,23 @@ def test_official_swin_weights_load_into_the_trunk(tmp_path, tuning):
 def test_detectron2_checkpoints_are_left_alone(tmp_path):
     model = tiny_detector("common/models/mask_rcnn_swin_e3va.py")
     path = tmp_path / "model_final.pth"
-    torch.save({"model": model.state_dict()}, path)
+    torch.save(full_checkpoint(model), path)
     other = tiny_detector("common/models/mask_rcnn_swin_e3va.py")
     E3VACheckpointer(other).load(str(path))
     for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_a_full_checkpoint_without_side_network_record_is_taken_as_the_legacy_taps(tmp_path):
+    model = tiny_detector("common/models/mask_rcnn_swin_e3va.py")
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict()}, path)  # written before the record existed
+    with pytest.raises(TrainableCheckpointError, match="adapter_input=sublayer_input"):
+        E3VACheckpointer(tiny_detector("common/models/mask_rcnn_swin_e3va.py")).load(str(path))
+    cfg = load_config("common/models/mask_rcnn_swin_e3va.py")
+    make_tiny(cfg).adapter_input = "sublayer_input"
+    cfg.model.roi_heads.num_classes = 3
+    E3VACheckpointer(instantiate(cfg.model)).load(str(path))  # the override the error names makes it load
 
 
 def test_timm_layout_files_and_model_names_load_into_the_trunk(tmp_path, monkeypatch):

@@ -154,7 +154,7 @@ def test_export_then_merge_gives_back_the_full_checkpoint(tmp_path):
     E3VACheckpointer(model).load(str(NANO_SWIN_WEIGHTS))  # the base the run started from
     _train_a_little(model)
     full = tmp_path / "model_final.pth"
-    torch.save({"model": model.state_dict()}, full)
+    E3VACheckpointer(model, str(tmp_path)).save("model_final")  # as training writes it, with its side-network record
 
     task, merged = tmp_path / "task.pth", tmp_path / "merged.pth"
     tool = [sys.executable, str(REPO / "tools" / "export_trainable.py"), "--config-file", config]

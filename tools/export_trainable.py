@@ -22,7 +22,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 
 from e3va import E3VACheckpointer, save_trainable
-from e3va.trainable import config_record
+from e3va.trainable import config_record, full_checkpoint
 from e3va.engine.params import format_trainable_parameters
 
 
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     if args.merge:
         checkpointer.load(args.merge)  # refuses a task file made on other base weights or another method
         output.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "__author__": "e3va export_trainable --merge"}, output)
+        torch.save(full_checkpoint(model, __author__="e3va export_trainable --merge"), output)
         print(f"Merged {args.merge} onto {args.weights}: wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
     else:
         save_trainable(model, output, config=config_record(cfg))

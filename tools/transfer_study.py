@@ -1,93 +1,232 @@
 #!/usr/bin/env python
-"""Accuracy of every tuning method side by side, on the embedded shapes task.
+"""Accuracy of tuning methods side by side on the embedded shapes task, over seeds, each method at the
+backbone learning rate chosen for it on a validation split.
 
-Each method trains ``configs/Shapes/mask_rcnn_e3va.py`` for the same number of iterations from the
-project's own pretrained Swin "nano" (through ``tools/demo.py``, each in a fresh process), then is
-evaluated with Detectron2's COCOEvaluator. Writes ``DIR/transfer.json`` and ``DIR/transfer.md``: COCO box
-and mask AP with trainable backbone parameters, peak memory (process peak RSS) and mean iteration time.
+Every run trains ``configs/Shapes/mask_rcnn_e3va.py`` from the project's pretrained Swin "nano" through
+``tools/demo.py`` (its own process, Detectron2's engine and COCOEvaluator). For each method:
 
-    python tools/transfer_study.py --methods fixed,e3va,full --output output/transfer   # --max-iter N
+1. with ``--lr-sweep``, one run per backbone learning rate (seed: the first of ``--seeds``), evaluated on
+   ``shapes_minival``, never on the reported split; the best box AP there (mask AP breaks ties) is chosen.
+   The heads keep the config's learning rate; only the tuned backbone's trainable parameters (side network
+   or trunk) train at the swept rate (``e3va.engine.lr.BackboneLRFactor``);
+2. one run per seed at the chosen rate, evaluated on ``shapes_val``.
+
+Writes ``DIR/transfer.json`` (every run and the per-method summary), ``DIR/transfer.md`` (mean ± std
+over seeds, per-seed values, chosen rate, peak RSS, s/iter) and ``DIR/transfer.png`` (AP against peak
+training memory, as the paper's Figure 1). Resumable: a finished run (its ``run.json`` and the demo's
+summary, for the same parameters) is kept and skipped, so an interrupted study continues where it stopped.
+
+    python tools/transfer_study.py --methods fixed,e3va,full --seeds 0,1,2 --lr-sweep 3e-4,1e-3,3e-3 \\
+        --output docs/transfer_study
 """
+from __future__ import annotations
+
 import argparse
 import json
+import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from e3va import TUNING_METHODS
+from e3va.benchmark import write_json
 
 REPO = Path(__file__).resolve().parents[1]
+HEAD_LR = 1e-3  # configs/Shapes/mask_rcnn_e3va.py's optimizer.lr: the heads' rate for every method
+TEST_SPLIT, VALIDATION_SPLIT = "shapes_val", "shapes_minival"
 
 
-def run_method(method: str, max_iter: Optional[int], out_dir: Path, opts: List[str]) -> Dict:
-    """Trains and evaluates one method in its own process; returns its demo summary (or the failure)."""
+def parse_list(text: str, kind, what: str) -> list:
+    """``"a,b,c"`` as a list of ``kind``; a clear error for an empty list, a bad item or a repeat."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        values = [kind(t) for t in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list of {kind.__name__}, got {text!r}")
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{what} must be a non-empty list without repeats, got {text!r}")
+    return values
+
+
+def run_dir(out: Path, method: str, lr: float, seed: int, split: str) -> Path:
+    stage = "sweep" if split == VALIDATION_SPLIT else "runs"
+    return out / stage / method / f"lr{lr:g}" / f"seed{seed}"
+
+
+def train_and_evaluate(
+    out: Path, method: str, lr: float, seed: int, split: str, max_iter: Optional[int], opts: Sequence[str]
+) -> Dict:
+    """One training and evaluation in its own process (skipped when already done with the same
+    parameters); returns the demo's summary with the run's parameters, or the failure."""
+    params = {"method": method, "backbone_lr": lr, "seed": seed, "split": split, "max_iter": max_iter,
+              "opts": list(opts)}
+    where = run_dir(out, method, lr, seed, split)
+    summary_file, record_file = where / "demo_summary.json", where / "run.json"
+    if record_file.is_file() and summary_file.is_file():
+        record = json.loads(record_file.read_text())
+        if record.get("params") == params:
+            return record
     iters = [] if max_iter is None else ["--max-iter", str(max_iter)]
-    cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--tuning", method, *iters,
-           "--output-dir", str(out_dir), "--num-images", "0", *opts]
-    log = out_dir.parent / f"{method}.log"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-    summary = out_dir / "demo_summary.json"
-    if code != 0 or not summary.is_file():
-        return {"tuning": method, "status": f"failed (exit {code}, see {log})"}
-    return {**json.loads(summary.read_text()), "status": "ok"}
+    overrides = [f"train.seed={seed}", f"optimizer.params.lr_factor_func.factor={lr / HEAD_LR!r}"]
+    if split != TEST_SPLIT:
+        overrides += [f"dataloader.test.dataset.names={split}", f"dataloader.evaluator.dataset_name={split}"]
+    cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--tuning", method, *iters, "--output-dir", str(where),
+           "--num-images", "0", *overrides, *opts]
+    where.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    with open(where / "train.log", "w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0 or not summary_file.is_file():
+        return {"params": params, "status": f"failed (exit {code}, see {where / 'train.log'})"}
+    record = {"params": params, "status": "ok", "load_before": load_before, "load_after": os.getloadavg(),
+              **json.loads(summary_file.read_text())}
+    write_json(record, record_file)
+    return record
 
 
-def _fmt(value, spec: str) -> str:
-    """``value`` formatted, or "n/a" (e.g. no iteration time after too short a run)."""
-    return "n/a" if value is None else format(value, spec)
+def choose_lr(sweep: List[Dict]) -> Optional[float]:
+    """The backbone learning rate of the sweep run with the best validation box AP (then mask AP)."""
+    ok = [r for r in sweep if r["status"] == "ok" and r.get("bbox_AP") is not None]
+    if not ok:
+        return None
+    best = max(ok, key=lambda r: (r["bbox_AP"], r.get("segm_AP") or 0.0))
+    return best["params"]["backbone_lr"]
 
 
-def markdown(records: List[Dict], command: str) -> str:
-    """The AP table, with the command that produced it."""
+def mean_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
+    """Mean and sample standard deviation (None with fewer than two values)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def summarise(method: str, lr: Optional[float], sweep: List[Dict], runs: List[Dict]) -> Dict:
+    """Per-method record: chosen rate, the sweep's validation APs, and mean ± std over the seeds."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    return {
+        "method": method,
+        "chosen_backbone_lr": lr,
+        "sweep": {f"{r['params']['backbone_lr']:g}": r.get("bbox_AP") for r in sweep if r["status"] == "ok"},
+        "seeds": [r["params"]["seed"] for r in ok],
+        "bbox_AP": mean_std([r.get("bbox_AP") for r in ok]),
+        "segm_AP": mean_std([r.get("segm_AP") for r in ok]),
+        "bbox_AP_per_seed": [r.get("bbox_AP") for r in ok],
+        "segm_AP_per_seed": [r.get("segm_AP") for r in ok],
+        "peak_rss_mb": mean_std([r.get("peak_rss_mb") for r in ok]),
+        "s_per_iter": mean_std([r.get("mean_iter_time_s") for r in ok]),
+        "backbone_trainable_params": ok[0]["backbone_trainable_params"] if ok else None,
+        "failed": [r["status"] for r in runs + sweep if r["status"] != "ok"],
+    }
+
+
+def _pm(stat: Dict, spec: str = ".1f") -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    return format(stat["mean"], spec) + ("" if stat["std"] is None else f" ± {stat['std']:{spec}}")
+
+
+def markdown(summaries: List[Dict], command: str) -> str:
+    """The table: mean ± sample std over seeds, per-seed values, chosen learning rate."""
     lines = [
         f"Command: `{command}`",
         "",
-        "| method | backbone trainable | box AP | mask AP | peak RSS (MB) | s / iter |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | backbone LR (chosen on minival) | box AP | mask AP | box AP per seed | backbone trainable "
+        "| peak RSS (MB) | s / iter |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
-    for r in records:
-        if r["status"] != "ok":
-            lines.append(f"| {r['tuning']} | {r['status']} | | | | |")
-            continue
-        lines.append(
-            f"| {r['tuning']} | {r['backbone_trainable_params'] / 1e6:.3f} M | {_fmt(r['bbox_AP'], '.1f')} | "
-            f"{_fmt(r['segm_AP'], '.1f')} | {_fmt(r.get('peak_rss_mb'), '.0f')} | "
-            f"{_fmt(r['mean_iter_time_s'], '.3f')} |"
-        )
+    for s in summaries:
+        per_seed = ", ".join("n/a" if v is None else f"{v:.1f}" for v in s["bbox_AP_per_seed"])
+        params = "n/a" if s["backbone_trainable_params"] is None else f"{s['backbone_trainable_params']:,d}"
+        lr = "n/a" if s["chosen_backbone_lr"] is None else f"{s['chosen_backbone_lr']:g}"
+        lines.append(f"| {s['method']} | {lr} | {_pm(s['bbox_AP'])} | {_pm(s['segm_AP'])} | {per_seed} | {params} "
+                     f"| {_pm(s['peak_rss_mb'], '.0f')} | {_pm(s['s_per_iter'], '.2f')} |")
+    failed = [f"{s['method']}: {f}" for s in summaries for f in s["failed"]]
+    if failed:
+        lines += ["", "Failed runs: " + "; ".join(failed)]
+    sweeps = [s for s in summaries if s["sweep"]]
+    if sweeps:
+        lines += ["", "Validation (shapes_minival) box AP of the sweep:", ""]
+        lines += [f"- {s['method']}: " + ", ".join(f"lr {k}: {v:.1f}" for k, v in s["sweep"].items()) for s in sweeps]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def plot(summaries: List[Dict], path: Path) -> None:
+    """Box AP (mean, ± std) against peak training memory, one labelled point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for s in summaries:
+        if s["bbox_AP"]["mean"] is None or s["peak_rss_mb"]["mean"] is None:
+            continue
+        x, y = s["peak_rss_mb"]["mean"], s["bbox_AP"]["mean"]
+        ax.errorbar(x, y, yerr=s["bbox_AP"]["std"] or 0.0, xerr=s["peak_rss_mb"]["std"] or 0.0, fmt="o", capsize=3)
+        ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("peak training memory (process peak RSS, MB)")
+    ax.set_ylabel("box AP on shapes_val (mean ± std over seeds)")
+    ax.set_title("Shapes transfer: accuracy against training memory")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def study(methods: Sequence[str], seeds: Sequence[int], sweep_lrs: Sequence[float], max_iter: Optional[int],
+          out: Path, opts: Sequence[str], command: str) -> List[Dict]:
+    """Runs (or resumes) the study and rewrites its outputs after every method."""
+    summaries = []
+    runs_all = []
+    for method in methods:
+        # One value is nothing to choose from: it is the rate, with no validation run.
+        candidates = sweep_lrs if len(sweep_lrs) > 1 else []
+        sweep = [train_and_evaluate(out, method, lr, seeds[0], VALIDATION_SPLIT, max_iter, opts) for lr in candidates]
+        lr = choose_lr(sweep) if candidates else (sweep_lrs[0] if sweep_lrs else HEAD_LR)
+        runs = [] if lr is None else [train_and_evaluate(out, method, lr, s, TEST_SPLIT, max_iter, opts) for s in seeds]
+        summary = summarise(method, lr, sweep, runs)
+        summaries.append(summary)
+        runs_all += sweep + runs
+        print(f"{method:>14}: lr {lr}  box AP {_pm(summary['bbox_AP'])}  mask AP {_pm(summary['segm_AP'])}", flush=True)
+        write_json({"command": command, "methods": summaries, "runs": runs_all}, out / "transfer.json")
+        (out / "transfer.md").write_text(markdown(summaries, command))
+        plot(summaries, out / "transfer.png")
+    return summaries
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(TUNING_METHODS))
+    parser.add_argument("--methods", default="fixed,e3va,full")
+    parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
+    parser.add_argument("--lr-sweep", default="", help="backbone learning rates to choose from on shapes_minival, "
+                        "e.g. 3e-4,1e-3,3e-3; one value: that rate, no sweep; empty: the heads' rate (1e-3)")
     parser.add_argument("--max-iter", type=int, default=None, help="default: the Shapes config's train.max_iter")
     parser.add_argument("--output", default=str(REPO / "output" / "transfer"))
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides for every run")
-    args = parser.parse_args()
-    methods = [m for m in args.methods.split(",") if m]
+    args = parser.parse_args(argv)
+    try:
+        methods = parse_list(args.methods, str, "--methods")
+        seeds = parse_list(args.seeds, int, "--seeds")
+        sweep = parse_list(args.lr_sweep, float, "--lr-sweep") if args.lr_sweep.strip() else []
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
     unknown = [m for m in methods if m not in TUNING_METHODS]
     if unknown:
-        parser.error(f"unknown method(s) {unknown}; valid: {', '.join(TUNING_METHODS)}")
-    out = Path(args.output)
-    records = []
-    for method in methods:
-        record = run_method(method, args.max_iter, out / method, args.opts)
-        records.append(record)
-        if record["status"] == "ok":
-            print(f"{method:>14}: box AP {_fmt(record['bbox_AP'], '.1f')}  mask AP {_fmt(record['segm_AP'], '.1f')}  "
-                  f"peak RSS {_fmt(record.get('peak_rss_mb'), '.0f')} MB  "
-                  f"{_fmt(record['mean_iter_time_s'], '.3f')} s/iter", flush=True)
-        else:
-            print(f"{method:>14}: {record['status']}", flush=True)
-        (out / "transfer.json").write_text(json.dumps(records, indent=2))
-    command = " ".join(shlex.quote(a) for a in ["python", "tools/transfer_study.py", *sys.argv[1:]])
-    (out / "transfer.md").write_text(markdown(records, command))
-    print(f"wrote {out / 'transfer.md'}")
+        parser.error(f"unknown method(s) {unknown}; valid: {', '.join(sorted(TUNING_METHODS))}")
+    if any(s < 0 for s in seeds):
+        parser.error(f"--seeds must be non-negative integers, got {seeds}")
+    if any(not lr > 0 for lr in sweep):
+        parser.error(f"--lr-sweep values must be positive, got {sweep}")
+    command = " ".join(shlex.quote(a) for a in ["python", "tools/transfer_study.py", *(argv or sys.argv[1:])])
+    study(methods, seeds, sweep, args.max_iter, Path(args.output), args.opts, command)
+    print(f"wrote {Path(args.output) / 'transfer.md'}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.solver import WarmupParamScheduler
 
 from e3va import NANO_SWIN_WEIGHTS
+from e3va.engine.lr import BackboneLRFactor
 from e3va.swin import NANO_IMAGE_FORMAT, NANO_PIXEL_MEAN, NANO_PIXEL_STD
 from e3va.data.shapes import SHAPES_CLASSES, build_shapes_evaluator
 
@@ -67,11 +68,15 @@ dataloader.evaluator = L(build_shapes_evaluator)(dataset_name="shapes_val")
 optimizer = model_zoo.get_config("common/optim.py").AdamW
 optimizer.lr = 1e-3
 optimizer.weight_decay = 0.05
+# The tuned backbone's trainable parameters (side network, or trunk parameters) train at factor x lr;
+# tools/transfer_study.py chooses the factor per method on shapes_minival.
+optimizer.params.lr_factor_func = L(BackboneLRFactor)(factor=1.0)
 
 MAX_ITER = 500  # about 4 minutes of training on 2 cores of a fast CPU, 7 on a slow one
 
 train = model_zoo.get_config("common/train.py").train
 train.device = "cpu"
+train.seed = 0  # seeded model init, data order and augmentation: the same run gives the same AP on one machine
 train.max_iter = MAX_ITER
 train.init_checkpoint = str(NANO_SWIN_WEIGHTS)
 train.output_dir = "./output/shapes_mask_rcnn_e3va"

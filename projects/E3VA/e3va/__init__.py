@@ -6,7 +6,14 @@ semantic-segmentation head, and the synthetic ``shapes_*`` datasets (generated l
 from pathlib import Path
 
 from .adapters import DualLowRankLinear, HighwayAdapter
-from .backbone import AdapterHighway, E3VASwin, SideTunedBackbone, backbone_config_key, find_tuned_backbone
+from .backbone import (
+    HIGHWAY_DOWNSAMPLES,
+    AdapterHighway,
+    E3VASwin,
+    SideTunedBackbone,
+    backbone_config_key,
+    find_tuned_backbone,
+)
 from .losa import LoSASideNetwork, LowRankMixer
 from . import modeling  # registers UperNetHead in Detectron2's SEM_SEG_HEADS_REGISTRY
 from .checkpoint import CheckpointReadError, E3VACheckpointer, read_checkpoint_file
@@ -14,7 +21,7 @@ from .data.shapes import register_shapes_datasets
 from .config import add_e3va_config, build_e3va_swin_backbone, build_e3va_swin_fpn_backbone
 from .swin import SWIN_PRESETS, SWIN_PRETRAINED_URLS, build_swin_trunk
 from .trainable import TrainableCheckpointError, load_trainable, save_trainable
-from .tuning import TUNING_METHODS, AdapterSpec, LoSASpec, TuningMethod, get_tuning_method
+from .tuning import ADAPTER_INPUTS, TUNING_METHODS, AdapterSpec, LoSASpec, TuningMethod, get_tuning_method
 from .vit import VIT_PRESETS, VIT_PRETRAINED_CHECKPOINTS, E3VAViT, build_vit_trunk
 
 register_shapes_datasets()  # cheap: the images are generated on first use
@@ -23,6 +30,7 @@ register_shapes_datasets()  # cheap: the images are generated on first use
 NANO_SWIN_WEIGHTS = Path(__file__).parent / "weights" / "swin_nano_shapes_pretrained.pth"
 
 __all__ = [
+    "ADAPTER_INPUTS",
     "AdapterHighway",
     "AdapterSpec",
     "CheckpointReadError",
@@ -30,6 +38,7 @@ __all__ = [
     "E3VACheckpointer",
     "E3VASwin",
     "E3VAViT",
+    "HIGHWAY_DOWNSAMPLES",
     "HighwayAdapter",
     "LoSASideNetwork",
     "LoSASpec",

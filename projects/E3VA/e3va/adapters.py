@@ -188,7 +188,7 @@ class HighwayAdapter(nn.Module):
 
     No skip connection inside: the adapter sits beside a trunk sub-layer, and the highway's running
     sum plays the role of the skip connection. Reading a frozen activation (no gradient wanted for
-    ``x``), it runs through :class:`_LowRankAdapterFunction`, which saves only ``x``, as
+    ``x``) in training, it runs through :class:`_LowRankAdapterFunction`, which saves only ``x``, as
     ``saved_input_dtype`` says (:class:`CompactInput`); ``fused=False`` gives the plain graph.
     ``train_down_input_factors=False`` freezes the down projection's ``V1, V2`` at their random
     initialisation (a buffer); the function then keeps the rank-``2r`` ``x V^T`` instead of ``x``.
@@ -216,8 +216,14 @@ class HighwayAdapter(nn.Module):
         self.act = ACTIVATIONS[activation]()
         self.up = DualLowRankLinear(bottleneck, dim, rank, zero_init=True)
 
+    def uses_fused_path(self, x: torch.Tensor) -> bool:
+        """True iff ``x`` goes through :class:`_LowRankAdapterFunction`: only to save memory for a backward
+        in training. Inference (eval mode, or autograd off) takes plain tensor ops, which trace and export;
+        eval mode is the signal that counts inside the backbone, whose hooks turn autograd on."""
+        return self.fused and self.training and torch.is_grad_enabled() and not x.requires_grad
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused or x.requires_grad:
+        if not self.uses_fused_path(x):
             return self.up(self.act(self.down(x)))
         u_down, v_down = self.down.factors()
         u_up, v_up = self.up.factors()

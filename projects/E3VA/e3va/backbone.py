@@ -2,16 +2,18 @@
 
 For block ``j`` of a stage, the trunk computes (unchanged, without autograd unless a method trains it)
 
-    h_j = x_{j-1} + Attn(LN(x_{j-1}))          x_j = h_j + MLP(LN(h_j))
+    h_j = x_{j-1} + F1(x_{j-1})      F1 = W/SW-MSA(LN(.))      x_j = h_j + F2(h_j)      F2 = MLP(LN(.))
 
-and the highway adds, with autograd,
+and the highway adds, with autograd (the paper's Eq. 10-11, ``adapter_input="sublayer_output"``),
 
-    d_j = d_{j-1} + A_j(x_{j-1}) + M_j(h_j)
+    d_j = d_{j-1} + A_j(F1(x_{j-1})) + M_j(F2(h_j))
 
-where ``A_j`` and ``M_j`` are the adapters beside attention and beside the MLP. A stage's output is
-``norm(x_end + d_end)`` (to the FPN); at a Swin stage end the highway crosses the trunk's own frozen
-patch merging, ``d_next = PM(x_end + d_end) - PM(x_end)``. At initialisation every adapter outputs
-zero, so ``d = 0`` everywhere and the backbone returns the trunk's features. See projects/E3VA/README.md.
+where ``A_j`` and ``M_j`` are the adapters beside attention and beside the MLP (``"sublayer_input"``:
+``A_j(x_{j-1}) + M_j(h_j)``). A stage's output is ``norm(x_end + d_end)`` (to the FPN); at a Swin stage
+end the highway crosses the trunk's own frozen patch merging, ``d_next = PM(x_end + d_end) - PM(x_end)``
+(``highway_downsample="difference"``) or ``PM(d_end)`` (``"direct"``). At initialisation every adapter
+outputs zero, so with "difference" ``d = 0`` everywhere and the backbone returns the trunk's features.
+See projects/E3VA/README.md.
 
 The highway is one kind of side network; ``tuning="losa"`` runs another, LoSA's low-rank mixers
 (``e3va.losa``), through the same interface (:class:`_SideTaps`): it is fed by hooks on the trunk's
@@ -38,6 +40,8 @@ from .swin import build_swin_trunk
 from .tuning import AdapterSpec, TuningMethod, get_tuning_method
 
 __all__ = [
+    "HIGHWAY_DOWNSAMPLES",
+    "LEGACY_SIDE_NETWORK",
     "AdapterHighway",
     "E3VASwin",
     "SideTunedBackbone",
@@ -47,6 +51,19 @@ __all__ = [
 ]
 
 TRUNK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How the side state crosses the trunk's frozen patch merging ``PM`` at a Swin stage end (the paper says
+# only that PM is "inserted into the pathway"; projects/E3VA/README.md, "Stage crossing"):
+# "difference": d <- PM(x + d) - PM(x), the change PM makes to the trunk's next input; 0 when d = 0;
+# "direct":     d <- PM(d), PM applied to the side state alone; PM's LayerNorm makes PM(0) = W beta != 0.
+HIGHWAY_DOWNSAMPLES = ("difference", "direct")
+# What a file trained before these options existed was made with (a file without the record).
+LEGACY_SIDE_NETWORK = {"adapter_input": "sublayer_input", "highway_downsample": "difference"}
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; expected one of {list(choices)}.")
+    return value
 
 # (block, block output) -> (H, W), the token grid of a block's output, for LoSA's window partition.
 GridOf = Callable[[nn.Module, torch.Tensor], Tuple[int, int]]
@@ -110,20 +127,29 @@ class _SideTaps:
     @staticmethod
     @contextlib.contextmanager
     def side_mode(x: torch.Tensor):
-        """Autograd on and autocast off: the side network stays fp32 even when the trunk is not."""
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        """Autograd on and autocast off: the side network stays fp32 even when the trunk is not.
+
+        Under ``torch.inference_mode()`` autograd stays off: no backward can follow, and autograd may not
+        save the trunk's inference tensors."""
+        grad = contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.enable_grad()
+        with grad, torch.autocast(x.device.type, enabled=False):
             yield
 
 
 class _HighwayTaps(_SideTaps):
     """Feeds the trunk's activations to the highway's adapters while the trunk runs.
 
-    A pre-hook on each block gives its input ``x_{j-1}`` to the adapter beside attention; a pre-hook on
-    the block's ``norm2`` gives ``h_j`` (the post-attention residual) to the adapter beside the MLP.
+    With ``adapter_input="sublayer_output"`` (the paper's), the adapter beside attention reads the
+    attention's output ``F1(x_{j-1})`` and the one beside the MLP the MLP's output ``F2(h_j)``, in token
+    layout: the two values the block adds to its residual stream. Both pass through the block's
+    ``drop_path`` module (identity without stochastic depth), in that order, so a forward hook on it
+    reads them exactly as the block adds them, whatever the attention's windowing and padding. With
+    ``"sublayer_input"``, pre-hooks on the block and on its ``norm2`` read ``x_{j-1}`` and ``h_j``.
     The trunk's code and parameters stay exactly as released. Each adapter runs at once (with autograd
-    on, inside the trunk's no-grad pass), so the fp32 activation can be freed as the trunk moves on
-    and only what the adapter saves for backward stays alive. The adapters are parallel: their outputs
-    are summed, and the state entering the stage is added at the end, ``d_end = d_start + sum``.
+    on, inside the trunk's no-grad pass), so the activation can be freed as the trunk moves on and only
+    what the adapter saves for backward stays alive. Parallel adapters (the paper's) are summed, and the
+    state entering the stage is added at the end, ``d_end = d_start + sum``; stacked ones feed the adapter
+    beside the MLP its tap plus the output of the adapter beside attention of the same block.
     """
 
     def __init__(self, blocks_by_stage: Sequence[Sequence[nn.Module]], highway: AdapterHighway) -> None:
@@ -131,18 +157,50 @@ class _HighwayTaps(_SideTaps):
         self.total: Optional[torch.Tensor] = None
         self._total_is_ours = False  # True once `total` is a buffer of this class's own, safe to add to in place
         self.carried: Optional[torch.Tensor] = None
+        self.stacked = highway.spec.arrangement == "stacked"
+        self._attn_out: Optional[torch.Tensor] = None  # stacked only: the block's attention-side adapter output
         for blocks, attn_adapters, mlp_adapters in zip(blocks_by_stage, highway.beside_attn, highway.beside_mlp):
             for block, beside_attn, beside_mlp in zip(blocks, attn_adapters, mlp_adapters):
-                block.register_forward_pre_hook(self._feed(beside_attn))
-                block.norm2.register_forward_pre_hook(self._feed(beside_mlp))
+                if highway.spec.adapter_input == "sublayer_input":
+                    block.register_forward_pre_hook(self._feed_input(beside_attn, first=True))
+                    block.norm2.register_forward_pre_hook(self._feed_input(beside_mlp, first=False))
+                else:
+                    calls = [0]  # how many sub-layer outputs of this block have passed, this forward
+                    block.register_forward_pre_hook(lambda module, args, calls=calls: calls.__setitem__(0, 0))
+                    block.drop_path.register_forward_hook(self._feed_output(beside_attn, beside_mlp, calls))
 
-    def _feed(self, adapter: nn.Module):
+    def _feed_input(self, adapter: nn.Module, first: bool):
         def hook(module: nn.Module, args) -> None:
             if self.active:
-                with self.side_mode(args[0]):
-                    self._accumulate(adapter(args[0].float()))
+                self._run(adapter, args[0], first)
 
         return hook
+
+    def _feed_output(self, beside_attn: nn.Module, beside_mlp: nn.Module, calls: list):
+        def hook(module: nn.Module, args, output: torch.Tensor) -> None:
+            if not self.active:
+                return
+            if calls[0] > 1:
+                raise RuntimeError(
+                    "A trunk block called its drop_path more than twice in one forward; the sub-layer-output "
+                    "taps expect Detectron2's Swin/ViT blocks (attention, then MLP). Use adapter_input="
+                    "'sublayer_input' for this trunk."
+                )
+            first = calls[0] == 0
+            calls[0] += 1
+            self._run(beside_attn if first else beside_mlp, output, first)
+
+        return hook
+
+    def _run(self, adapter: nn.Module, tap: torch.Tensor, first: bool) -> None:
+        with self.side_mode(tap):
+            x = tap.float()
+            if self.stacked and not first and self._attn_out is not None:
+                x = x + self._attn_out
+            out = adapter(x)
+            if self.stacked:
+                self._attn_out = out if first else None
+            self._accumulate(out)
 
     def _accumulate(self, out: torch.Tensor) -> None:
         # In place after the first addition: a sum keeps nothing for backward, and this saves an N x C
@@ -156,7 +214,7 @@ class _HighwayTaps(_SideTaps):
             self.total, self._total_is_ours = self.total + out, True
 
     def begin(self, carried: Optional[torch.Tensor]) -> None:
-        self.carried, self.total, self._total_is_ours = carried, None, False
+        self.carried, self.total, self._total_is_ours, self._attn_out = carried, None, False, None
 
     def end(self) -> torch.Tensor:
         delta = self.total if self.carried is None else self.carried + self.total
@@ -219,6 +277,10 @@ class SideTunedBackbone(Backbone):
         rank: Optional[int] = None,
         bottleneck_ratio: Optional[float] = None,
         activation: Optional[str] = None,
+        adapter_input: Optional[str] = None,
+        adapter_arrangement: Optional[str] = None,
+        highway_downsample: Optional[str] = None,
+        stage_crossing: bool = False,
         fused_adapters: bool = True,
         saved_input_dtype: str = "bfloat16",
         trunk_dtype: str = "float32",
@@ -228,7 +290,9 @@ class SideTunedBackbone(Backbone):
 
         ``out_norm_names`` name the trunk's norms between the backbone and the FPN (they train with every
         method that has ``train_out_norms``); ``window_size`` and ``grid_of`` say how LoSA partitions a
-        block's output into windows. The other arguments are the backbones' own (see ``E3VASwin``).
+        block's output into windows; ``stage_crossing`` says whether the trunk has patch merging between
+        stages (which ``highway_downsample`` is about). The other arguments are the backbones' own (see
+        ``E3VASwin``).
         """
         if trunk_dtype not in TRUNK_DTYPES:
             raise ValueError(f"Unknown trunk_dtype {trunk_dtype!r}; expected one of {sorted(TRUNK_DTYPES)}.")
@@ -241,9 +305,22 @@ class SideTunedBackbone(Backbone):
 
         spec = self.method.highway
         losa_spec = self.method.losa
-        overrides = {k: v for k, v in dict(rank=rank, bottleneck_ratio=bottleneck_ratio,
-                                           activation=activation).items() if v is not None}
+        overrides = {k: v for k, v in dict(rank=rank, bottleneck_ratio=bottleneck_ratio, activation=activation,
+                                           adapter_input=adapter_input,
+                                           arrangement=adapter_arrangement).items() if v is not None}
         blocks = [block for stage in blocks_by_stage for block in stage]
+        if (spec is not None or losa_spec is not None) and stage_crossing:
+            self.highway_downsample = _check_choice("highway_downsample", highway_downsample or "difference",
+                                                    HIGHWAY_DOWNSAMPLES)
+        elif highway_downsample is not None:
+            raise ValueError(
+                f"highway_downsample={highway_downsample!r} given, but "
+                + (f"tuning={tuning!r} has no side network" if stage_crossing else
+                   f"{type(self).__name__} has no patch merging for a side network to cross")
+                + "; leave it unset."
+            )
+        else:
+            self.highway_downsample = None
         if self.method.inject is not None:
             if self.method.accepts_rank and set(overrides) == {"rank"}:
                 self.method.inject(self.trunk, blocks, rank=overrides.pop("rank"))
@@ -252,7 +329,8 @@ class SideTunedBackbone(Backbone):
         if overrides and losa_spec is not None:
             unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(losa_spec)})
             if unknown:
-                raise ValueError(f"tuning={tuning!r} takes `rank` and `activation` only, not {unknown}.")
+                raise ValueError(f"tuning={tuning!r} takes `rank` and `activation` only, not {unknown} "
+                             f"(those are the E3VA highway's options).")
             losa_spec, overrides = dataclasses.replace(losa_spec, **overrides), {}
         if overrides:
             if spec is None:
@@ -279,6 +357,19 @@ class SideTunedBackbone(Backbone):
             self._taps = _LoSATaps(blocks_by_stage, self.losa, grid_of)
         self._freeze_trunk()
         self.compile_backend = self._compile_trunk_blocks(blocks, compile_trunk)
+
+    def side_network_record(self) -> Dict[str, str]:
+        """The side-network choices that change what trained weights mean, to store beside them:
+        ``adapter_input`` (E3VA highways) and ``highway_downsample`` (side networks crossing patch
+        merging); empty for methods without a side network."""
+        record: Dict[str, str] = {}
+        if self.highway is not None:
+            record["adapter_input"] = self.highway.spec.adapter_input
+            if self.highway.spec.arrangement != "parallel":
+                record["arrangement"] = self.highway.spec.arrangement
+        if self.highway_downsample is not None:
+            record["highway_downsample"] = self.highway_downsample
+        return record
 
     # ------------------------------------------------------------------ parameters
     def _is_out_norm(self, name: str) -> bool:
@@ -346,8 +437,9 @@ class SideTunedBackbone(Backbone):
     def _pack_adapted_output(self, y: torch.Tensor) -> Optional[Packed]:
         """A stage's adapted output ``y`` (trunk output plus side state) packed for backward, as
         ``saved_input_dtype`` says, once for every layer that reads it; None without a fused side network
-        (those layers then keep what plain autograd keeps)."""
-        if self._fused and self._taps is not None and torch.is_grad_enabled() and y.requires_grad:
+        (those layers then keep what plain autograd keeps), and at inference (eval mode or autograd off:
+        plain ops, which trace and export). Called outside the trunk's pass, so the grad mode is the caller's."""
+        if self._fused and self.training and self._taps is not None and torch.is_grad_enabled() and y.requires_grad:
             return self._compact.pack(y)
         return None
 
@@ -423,6 +515,11 @@ class E3VASwin(SideTunedBackbone):
         out_features: which of ``p0..p3`` to return.
         rank, bottleneck_ratio, activation: override the method's adapter shape (``rank`` also sets
             LoRA's rank, and LoSA's mixer rank; LoSA takes ``rank`` and ``activation``).
+        adapter_input: what E3VA's adapters read, one of ``e3va.tuning.ADAPTER_INPUTS``: the sub-layer
+            outputs (the paper's, the presets' default) or inputs (files trained before 2026-12).
+        adapter_arrangement: "parallel" (the paper's, default) or "stacked" (an ablation).
+        highway_downsample: how a side network crosses the frozen patch merging, one of
+            ``HIGHWAY_DOWNSAMPLES`` (default "difference").
         fused_adapters: run adapters (or LoSA's mixers), and the patch merging the side network crosses,
             through memory-lean autograd functions that store only their input and recompute the rest in
             backward (same outputs and gradients as the plain graph, see ``e3va.adapters`` and
@@ -447,6 +544,9 @@ class E3VASwin(SideTunedBackbone):
         rank: Optional[int] = None,
         bottleneck_ratio: Optional[float] = None,
         activation: Optional[str] = None,
+        adapter_input: Optional[str] = None,
+        adapter_arrangement: Optional[str] = None,
+        highway_downsample: Optional[str] = None,
         fused_adapters: bool = True,
         saved_input_dtype: str = "bfloat16",
         trunk_dtype: str = "float32",
@@ -471,6 +571,10 @@ class E3VASwin(SideTunedBackbone):
             rank=rank,
             bottleneck_ratio=bottleneck_ratio,
             activation=activation,
+            adapter_input=adapter_input,
+            adapter_arrangement=adapter_arrangement,
+            highway_downsample=highway_downsample,
+            stage_crossing=True,
             fused_adapters=fused_adapters,
             saved_input_dtype=saved_input_dtype,
             trunk_dtype=trunk_dtype,
@@ -507,14 +611,17 @@ class E3VASwin(SideTunedBackbone):
             y = x_out = x_out.float()
             packed = None  # y, kept once for the patch merging's and the output norm's backward
             if self._taps is not None:
-                y = x_out + self._taps.end()
+                side = self._taps.end()
+                y = x_out + side
                 packed = self._pack_adapted_output(y)
                 if stage.downsample is not None and i < last:
                     # Frozen patch merging, with autograd for the side network's share of its input only.
                     frozen = not any(p.requires_grad for p in stage.downsample.parameters())
                     merge = functools.partial(stage.downsample, H=H, W=W)  # bound now: backward runs it later
-                    merged = self._recomputed(merge, y, packed if frozen else None)
-                    carried = merged - tokens
+                    if self.highway_downsample == "direct":
+                        carried = self._recomputed(merge, side, self._pack_adapted_output(side) if frozen else None)
+                    else:
+                        carried = self._recomputed(merge, y, packed if frozen else None) - tokens
             if i in wanted:
                 norm = self.out_norm(i)
                 out = self._recomputed(norm, y, packed, [p for p in norm.parameters() if p.requires_grad])

@@ -21,9 +21,13 @@ from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
 from .trainable import (
+    SIDE_NETWORK_KEY,
     TRAINABLE_META_KEY,
     apply_trainable,
+    check_side_network,
+    holds_side_network,
     is_trainable_checkpoint,
+    side_network_of,
     trainable_checkpoint,
 )
 
@@ -157,7 +161,8 @@ class E3VACheckpointer(DetectionCheckpointer):
     # ---- writing
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.trainable_only:
-            return super().save(name, **kwargs)
+            record = side_network_of(self.model)  # what the side network's tensors mean (trainable.py)
+            return super().save(name, **({SIDE_NETWORK_KEY: record} if record else {}), **kwargs)
         if not self.save_dir or not self.save_to_disk:
             return
         data = trainable_checkpoint(self.model, self.config)
@@ -225,6 +230,9 @@ class E3VACheckpointer(DetectionCheckpointer):
                 "the frozen base weights."
             )
             return None
+        if holds_side_network(checkpoint["model"]) and side_network_of(self.model):
+            url = self._parsed_url_during_load
+            check_side_network(self.model, checkpoint.get(SIDE_NETWORK_KEY), url.geturl() if url else "checkpoint")
         checkpoint["model"] = align_with_wrapped_layers(checkpoint["model"], self.model.state_dict().keys())
         return super()._load_model(checkpoint)
 

@@ -27,6 +27,9 @@ def add_e3va_config(cfg: CN) -> CN:
     cfg.MODEL.E3VA.RANK = 0
     cfg.MODEL.E3VA.BOTTLENECK_RATIO = 0.0
     cfg.MODEL.E3VA.ACTIVATION = ""
+    cfg.MODEL.E3VA.ADAPTER_INPUT = ""  # "" = the method's own ("sublayer_output" for e3va*); or "sublayer_input"
+    cfg.MODEL.E3VA.ADAPTER_ARRANGEMENT = ""  # "" = "parallel"; or "stacked"
+    cfg.MODEL.E3VA.HIGHWAY_DOWNSAMPLE = ""  # "" = "difference" for side networks; or "direct"
     cfg.MODEL.E3VA.SAVED_INPUT_DTYPE = "bfloat16"
     cfg.MODEL.E3VA.TRUNK_DTYPE = "float32"
     cfg.MODEL.E3VA.COMPILE_TRUNK = ""  # a torch.compile backend for the frozen trunk, e.g. "inductor"; "" = off
@@ -48,6 +51,9 @@ def build_e3va_swin_backbone(cfg: CN, input_shape: ShapeSpec) -> E3VASwin:
         rank=e.RANK or None,
         bottleneck_ratio=e.BOTTLENECK_RATIO or None,
         activation=e.ACTIVATION or None,
+        adapter_input=e.ADAPTER_INPUT or None,
+        adapter_arrangement=e.ADAPTER_ARRANGEMENT or None,
+        highway_downsample=e.HIGHWAY_DOWNSAMPLE or None,
         saved_input_dtype=e.SAVED_INPUT_DTYPE,
         trunk_dtype=e.TRUNK_DTYPE,
         compile_trunk=e.COMPILE_TRUNK or False,

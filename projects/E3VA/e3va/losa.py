@@ -150,7 +150,9 @@ class LoSASideNetwork(nn.Module):
         z = b if state is None else b + state
         fn = functools.partial(mix_in_windows, mixer, H=H, W=W, window_size=self.window_size)
         params = [p for p in mixer.parameters() if p.requires_grad]
-        if self.fused and torch.is_grad_enabled() and (z.requires_grad or params):
+        # Fused only in training: it saves memory for a backward; inference (eval mode, or autograd off) runs
+        # plain ops, which trace and export. The backbone's hooks turn autograd on, so eval mode is the signal.
+        if self.fused and self.training and torch.is_grad_enabled() and (z.requires_grad or params):
             g = RecomputedFromCompactInput.apply(fn, self.compact.pack(z), z, *params)
         else:
             g = fn(z)

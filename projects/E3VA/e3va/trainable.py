@@ -17,18 +17,23 @@ import torch
 from torch import nn
 
 __all__ = [
+    "SIDE_NETWORK_KEY",
     "TRAINABLE_FORMAT",
     "TRAINABLE_META_KEY",
     "TrainableCheckpointError",
     "apply_trainable",
     "base_fingerprint",
+    "check_side_network",
     "config_record",
     "check_trainable_checkpoint",
     "is_trainable_checkpoint",
+    "full_checkpoint",
+    "holds_side_network",
     "load_trainable",
     "save_trainable",
     "trainable_checkpoint",
     "trainable_metadata",
+    "side_network_of",
     "trainable_state_dict",
     "tuning_method_of",
 ]
@@ -36,6 +41,9 @@ __all__ = [
 TRAINABLE_FORMAT = "e3va-trainable/1"
 # The key under which a checkpoint says that its "model" entry holds the trainable part only.
 TRAINABLE_META_KEY = "e3va_trainable"
+# The key under which a full checkpoint records its side-network choices (trainable-only files keep them
+# in their metadata): what its side network's tensors mean.
+SIDE_NETWORK_KEY = "e3va_side_network"
 
 
 class TrainableCheckpointError(ValueError):
@@ -93,11 +101,61 @@ def tuning_method_of(model: nn.Module) -> Optional[str]:
         return None
 
 
+def side_network_of(model: nn.Module) -> Dict[str, str]:
+    """The side-network choices of the model's E3VA backbone (``SideTunedBackbone.side_network_record``),
+    empty when it has none."""
+    from .backbone import find_tuned_backbone  # local: the backbone pulls in Detectron2's modeling
+
+    try:
+        return find_tuned_backbone(model)[1].side_network_record()
+    except ValueError:
+        return {}
+
+
+def check_side_network(model: nn.Module, recorded: Optional[Mapping[str, str]], source: str) -> None:
+    """Raises :class:`TrainableCheckpointError` when weights trained with other side-network choices
+    (``recorded``; None for a file written before they were recorded, which used the legacy ones) are
+    loaded into ``model``: the same tensors would silently mean another network. Names the override."""
+    from .backbone import LEGACY_SIDE_NETWORK  # local: see side_network_of
+
+    wanted = side_network_of(model)
+    saved = dict(LEGACY_SIDE_NETWORK if recorded is None else recorded)
+    if "adapter_input" in wanted:  # "parallel" is not recorded: it is all that older files knew
+        wanted.setdefault("arrangement", "parallel")
+        saved.setdefault("arrangement", "parallel")
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    if not diff:
+        return
+    option = {"arrangement": "adapter_arrangement"}
+    fixes = " ".join(f"model.backbone.bottom_up.{option.get(k, k)}={saved[k]}" for k in diff if saved.get(k))
+    described = ", ".join(f"{k}={file_value!r} in the file, {model_value!r} in the model"
+                          for k, (file_value, model_value) in diff.items())
+    when = " (a file without this record predates it: it used the legacy choices)" if recorded is None else ""
+    raise TrainableCheckpointError(
+        f"{source} was trained with other side-network choices than this model's: {described}{when}. "
+        f"Build the model as it was trained, e.g. with the override(s) {fixes} "
+        "(model.backbone.net.... on ViT configs)."
+    )
+
+
+def full_checkpoint(model: nn.Module, **extra: Any) -> Dict[str, Any]:
+    """``{"model": the whole state dict, SIDE_NETWORK_KEY: its side-network choices, **extra}``: what a full
+    checkpoint written outside Detectron2's checkpointer holds, so that it loads back as trained."""
+    record = side_network_of(model)
+    return {"model": _unwrap(model).state_dict(), **({SIDE_NETWORK_KEY: record} if record else {}), **extra}
+
+
+def holds_side_network(state_dict: Mapping[str, Any]) -> bool:
+    """True when a full state dict holds side-network tensors (an E3VA highway's or LoSA's)."""
+    return any(".highway." in f".{k}" or ".losa." in f".{k}" for k in state_dict)
+
+
 def trainable_metadata(model: nn.Module, config: Optional[str] = None) -> Dict[str, Any]:
     """What a trainable-only checkpoint records beside the weights."""
     return {
         "format": TRAINABLE_FORMAT,
         "tuning": tuning_method_of(model),
+        "side_network": side_network_of(model),
         "base_fingerprint": base_fingerprint(model),
         "config": config,
     }
@@ -161,6 +219,8 @@ def check_trainable_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any], 
             f"build the model with tuning={meta.get('tuning')} (e.g. the override "
             f"model.backbone.bottom_up.tuning={meta.get('tuning')}, or model.backbone.net.tuning=... on ViT)."
         )
+    if side_network_of(model):
+        check_side_network(model, meta.get("side_network"), source)
     expected = trainable_state_dict(model)
     saved = checkpoint["model"]
     missing = sorted(set(expected) - set(saved))

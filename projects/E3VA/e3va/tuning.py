@@ -12,6 +12,8 @@ from typing import Callable, Dict, Optional
 from . import trunk_tuners
 
 __all__ = [
+    "ADAPTER_ARRANGEMENTS",
+    "ADAPTER_INPUTS",
     "AdapterSpec",
     "LoSASpec",
     "TuningMethod",
@@ -21,25 +23,45 @@ __all__ = [
 ]
 
 
+# What each highway adapter reads from its trunk block (projects/E3VA/README.md, "Taps"):
+# "sublayer_output": the paper's (Eq. 10-11), the attention's and the MLP's outputs, exactly what the block
+#   adds to its residual stream (after stochastic depth, when the trunk has it);
+# "sublayer_input": the block's input beside attention, the post-attention residual beside the MLP (what
+#   files trained before the paper's taps were made with).
+ADAPTER_INPUTS = ("sublayer_output", "sublayer_input")
+# "parallel" (the paper's): both adapters read the trunk. "stacked" (the paper's ablation): the adapter
+# beside the MLP reads its tap plus what the adapter beside attention added in the same block.
+ADAPTER_ARRANGEMENTS = ("parallel", "stacked")
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """Shape of every highway adapter: bottleneck width = ``bottleneck_ratio`` x the stage's width.
 
     ``train_down_input_factors=False`` keeps the down projection's input-side factors ``V1, V2`` at
     their random initialisation (as LoRA-FA freezes LoRA's ``A``): the adapter then needs only the
-    rank-``2r`` projection of its input for backward, not the input itself.
+    rank-``2r`` projection of its input for backward, not the input itself. ``adapter_input`` and
+    ``arrangement`` say what the adapters read (``ADAPTER_INPUTS``, ``ADAPTER_ARRANGEMENTS``).
     """
 
     rank: int
     bottleneck_ratio: float = 0.5
     activation: str = "gelu"
     train_down_input_factors: bool = True
+    adapter_input: str = "sublayer_output"
+    arrangement: str = "parallel"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"Adapter rank must be a positive integer, got {self.rank!r}.")
         if not self.bottleneck_ratio > 0:
             raise ValueError(f"bottleneck_ratio must be > 0, got {self.bottleneck_ratio!r}.")
+        if self.adapter_input not in ADAPTER_INPUTS:
+            raise ValueError(f"Unknown adapter_input {self.adapter_input!r}; expected one of {list(ADAPTER_INPUTS)}.")
+        if self.arrangement not in ADAPTER_ARRANGEMENTS:
+            raise ValueError(
+                f"Unknown adapter arrangement {self.arrangement!r}; expected one of {list(ADAPTER_ARRANGEMENTS)}."
+            )
 
 
 @dataclass(frozen=True)

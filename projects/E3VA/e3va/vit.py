@@ -5,7 +5,8 @@ blocks, global attention in a few, decomposed relative positions, one stride-16 
 ``SimpleFeaturePyramid`` turns into a pyramid. It has a single stage and no patch merging, so a side
 network runs along all its blocks and is added to the last one's output:
 
-* ``e3va``: two parallel adapters per block, ``d_j = d_{j-1} + A_j(x_{j-1}) + M_j(h_j)``, output
+* ``e3va``: two parallel adapters per block, ``d_j = d_{j-1} + A_j(F1_j) + M_j(F2_j)`` (the attention's and
+  the MLP's outputs; ``adapter_input="sublayer_input"``: ``A_j(x_{j-1}) + M_j(h_j)``), output
   ``x_L + d_L`` (there is no norm between ViTDet's trunk and its pyramid; the pyramid's own LayerNorms
   train with the heads);
 * ``losa``: ``a_l = a_{l-1} + g_l(b_l + a_{l-1})``, tokens mixed within 14 x 14 windows (ViTDet's
@@ -113,8 +114,9 @@ class E3VAViT(SideTunedBackbone):
         use_rel_pos, residual_block_indexes: as Detectron2's ``ViT``.
         pretrain_img_size: the image size of the pretrained absolute positions (MAE: 224).
         out_feature: the name of the output.
-        rank, bottleneck_ratio, activation, fused_adapters, saved_input_dtype, trunk_dtype, compile_trunk: as
-            ``E3VASwin``.
+        rank, bottleneck_ratio, activation, adapter_input, adapter_arrangement, fused_adapters,
+            saved_input_dtype, trunk_dtype, compile_trunk: as ``E3VASwin`` (a plain ViT has no patch merging,
+            so ``highway_downsample`` does not apply and is refused).
     """
 
     def __init__(
@@ -133,6 +135,9 @@ class E3VAViT(SideTunedBackbone):
         rank: Optional[int] = None,
         bottleneck_ratio: Optional[float] = None,
         activation: Optional[str] = None,
+        adapter_input: Optional[str] = None,
+        adapter_arrangement: Optional[str] = None,
+        highway_downsample: Optional[str] = None,
         fused_adapters: bool = True,
         saved_input_dtype: str = "bfloat16",
         trunk_dtype: str = "float32",
@@ -163,6 +168,9 @@ class E3VAViT(SideTunedBackbone):
             rank=rank,
             bottleneck_ratio=bottleneck_ratio,
             activation=activation,
+            adapter_input=adapter_input,
+            adapter_arrangement=adapter_arrangement,
+            highway_downsample=highway_downsample,
             fused_adapters=fused_adapters,
             saved_input_dtype=saved_input_dtype,
             trunk_dtype=trunk_dtype,

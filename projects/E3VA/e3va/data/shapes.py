@@ -76,12 +76,15 @@ __all__ = [
     "generate_shapes_sem_seg",
     "register_shapes_datasets",
     "register_shapes_sem_seg_datasets",
+    "render_background",
     "render_shapes_image",
     "semantic_label",
 ]
 
 SHAPES_CLASSES: Tuple[str, ...] = ("circle", "square", "triangle", "star")
-SHAPES_SPLITS: Tuple[str, ...] = ("train", "val")
+# "val" is the split results are reported on; "minival" (same distribution, its own seed stream) is for
+# choosing hyper-parameters, such as the transfer study's learning rates, without looking at "val".
+SHAPES_SPLITS: Tuple[str, ...] = ("train", "val", "minival")
 DEFAULT_SHAPES_NAMES: Tuple[str, str] = ("shapes_train", "shapes_val")
 
 # Semantic segmentation: the shape classes keep their contiguous ids 0..3, background is class 4,
@@ -101,7 +104,7 @@ _GENERATOR_VERSION = 1
 # <split>_sem_seg/info.json, so old labels get regenerated. The COCO files are not affected.
 _SEM_SEG_VERSION = 1
 _SEM_SEG_INFO = "info.json"
-_SPLIT_IDS = {"train": 0, "val": 1}
+_SPLIT_IDS = {"train": 0, "val": 1, "minival": 2}
 
 # Acceptance rules for a new (occluding) shape; see _accept().
 _MIN_VISIBLE_FRACTION = 0.4
@@ -114,7 +117,7 @@ _MAX_TRIES_PER_SHAPE = 30
 # --------------------------------------------------------------------------------------------------
 # Drawing
 # --------------------------------------------------------------------------------------------------
-def _background(rng: np.random.Generator, n: int) -> np.ndarray:
+def render_background(rng: np.random.Generator, n: int) -> np.ndarray:
     """A float32 (n, n, 3) RGB texture: a random mixture of smooth noise, stripes and checkers."""
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
     # Muted colours around one base colour, so that saturated shapes stand out against any texture.
@@ -227,7 +230,7 @@ def render_shapes_image(
     "polygons": COCO polygons rasterising exactly to the mask}``, in drawing order (later on top).
     """
     n = image_size
-    image = _background(rng, n)
+    image = render_background(rng, n)
     target = int(rng.integers(2, 7))
     full: List[np.ndarray] = []
     visible: List[np.ndarray] = []
@@ -591,6 +594,8 @@ def register_shapes_datasets(
     seed: int = 0,
     names: Sequence[str] = DEFAULT_SHAPES_NAMES,
     sem_seg_names: Optional[Sequence[str]] = None,
+    minival_name: Optional[str] = None,
+    num_minival: int = 50,
 ) -> Tuple[str, str]:
     """Registers the train and val splits as COCO datasets ``names`` (default shapes_train/shapes_val).
 
@@ -603,15 +608,23 @@ def register_shapes_datasets(
     The same splits are also registered for semantic segmentation (:func:`register_shapes_sem_seg_datasets`)
     under ``sem_seg_names``; ``None`` means ``shapes_sem_seg_train`` / ``shapes_sem_seg_val`` when ``names``
     are the defaults and no semantic registration otherwise (``()`` for none in any case).
+
+    A third split for choosing hyper-parameters, ``minival`` (``num_minival`` images), is registered as
+    ``minival_name``; ``None`` means ``shapes_minival`` when ``names`` are the defaults, none otherwise.
     """
     _check_registration(names, num_train, num_val, image_size)
+    if minival_name is None and tuple(names) == DEFAULT_SHAPES_NAMES:
+        minival_name = "shapes_minival"
+    if minival_name:
+        _check_registration((names[0], minival_name), num_train, num_minival, image_size)
     if sem_seg_names is None:
         sem_seg_names = DEFAULT_SHAPES_SEM_SEG_NAMES if tuple(names) == DEFAULT_SHAPES_NAMES else ()
     if sem_seg_names:
         _check_registration(sem_seg_names, num_train, num_val, image_size)
     root = Path(root).expanduser() if root is not None else default_shapes_root()
 
-    for name, split, num in zip(names, SHAPES_SPLITS, (num_train, num_val)):
+    coco_splits = zip([*names, minival_name] if minival_name else names, SHAPES_SPLITS, (num_train, num_val, num_minival))
+    for name, split, num in coco_splits:
         spec = _SplitSpec(root, split, num, image_size, seed)
         if not _replaceable(name, spec, "is_e3va_shapes"):
             continue

@@ -1,0 +1,189 @@
+"""What E3VA's adapters read (``adapter_input``), how the highway crosses patch merging
+(``highway_downsample``), parallel against stacked adapters, and the record of these choices in files."""
+import pytest
+import torch
+
+from e3va import E3VASwin
+from e3va.benchmark import bytes_saved_for_backward
+from e3va.trainable import TrainableCheckpointError, apply_trainable, trainable_checkpoint
+from e3va.vit import E3VAViT
+from helpers import perturb
+
+ODD = (1, 3, 61, 45)  # pads to the patch size, and to the window at every stage (shifted windows active)
+
+
+def _swin(**kwargs) -> E3VASwin:
+    torch.manual_seed(0)
+    model = E3VASwin("nano", drop_path_rate=0.0, **kwargs)
+    perturb(model.highway if model.highway is not None else model.losa, seed=1)
+    return model
+
+
+def _record_taps(model, blocks):
+    """Registers, on the trunk's own blocks, hooks that record each block's input, post-attention
+    residual and output (independently of the side network's hooks), and on each adapter its input."""
+    seen = {"x": [], "h": [], "out": [], "attn_in": [], "mlp_in": []}
+    for block in blocks:
+        block.register_forward_pre_hook(lambda m, a: seen["x"].append(a[0].detach().clone()))
+        block.norm2.register_forward_pre_hook(lambda m, a: seen["h"].append(a[0].detach().clone()))
+        block.register_forward_hook(lambda m, a, o: seen["out"].append(o.detach().clone()))
+    for stage_a, stage_m in zip(model.highway.beside_attn, model.highway.beside_mlp):
+        for a, m in zip(stage_a, stage_m):
+            a.register_forward_pre_hook(lambda mod, args: seen["attn_in"].append(args[0].detach().clone()))
+            m.register_forward_pre_hook(lambda mod, args: seen["mlp_in"].append(args[0].detach().clone()))
+    return seen
+
+
+@pytest.mark.parametrize("adapter_input", ["sublayer_output", "sublayer_input"])
+def test_adapters_read_the_sublayer_outputs_or_inputs_on_swin(adapter_input):
+    model = _swin(adapter_input=adapter_input)
+    blocks = [b for stage in model.trunk.layers for b in stage.blocks]
+    assert any(b.shift_size > 0 for b in blocks)
+    seen = _record_taps(model, blocks)
+    model(torch.rand(ODD) * 255)
+    n = len(blocks)
+    assert len(seen["attn_in"]) == len(seen["mlp_in"]) == n
+    for j in range(n):
+        x, h, out = seen["x"][j], seen["h"][j], seen["out"][j]
+        if adapter_input == "sublayer_output":  # F1(x) = h - x, F2(h) = out - h
+            expected_attn, expected_mlp = h - x, out - h
+        else:
+            expected_attn, expected_mlp = x, h
+        torch.testing.assert_close(seen["attn_in"][j], expected_attn, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(seen["mlp_in"][j], expected_mlp, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_read_the_sublayer_outputs_on_vit():
+    torch.manual_seed(0)
+    model = E3VAViT("nano", img_size=64, window_size=2)
+    perturb(model.highway, seed=1)
+    blocks = list(model.trunk.blocks)
+    seen = _record_taps(model, blocks)
+    model(torch.rand(1, 3, 64, 64) * 255)
+    for j in range(len(blocks)):
+        torch.testing.assert_close(seen["attn_in"][j], seen["h"][j] - seen["x"][j], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(seen["mlp_in"][j], seen["out"][j] - seen["h"][j], rtol=1e-5, atol=1e-5)
+
+
+def test_the_presets_use_the_papers_taps():
+    for tuning in ("e3va", "e3va_plus", "e3va_plusplus"):
+        model = E3VASwin("nano", tuning=tuning)
+        assert model.highway.spec.adapter_input == "sublayer_output"
+        assert model.highway.spec.arrangement == "parallel"
+        assert model.highway_downsample == "difference"
+
+
+@pytest.mark.parametrize("adapter_input", ["sublayer_output", "sublayer_input"])
+@pytest.mark.parametrize("highway_downsample", ["difference", "direct"])
+def test_fused_gradients_equal_plain_autograd(adapter_input, highway_downsample):
+    kwargs = dict(adapter_input=adapter_input, highway_downsample=highway_downsample, saved_input_dtype="float32")
+    fused, plain = _swin(**kwargs), _swin(fused_adapters=False, **kwargs)
+    x = torch.rand(ODD) * 255
+    out_f, out_p = fused(x), plain(x)
+    for k in out_f:
+        torch.testing.assert_close(out_f[k], out_p[k], rtol=1e-5, atol=1e-5)
+    sum((o * o).mean() for o in out_f.values()).backward()
+    sum((o * o).mean() for o in out_p.values()).backward()
+    grads_p = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    checked = 0
+    for name, p in fused.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+            torch.testing.assert_close(p.grad, grads_p[name], rtol=1e-4, atol=1e-6)
+            checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("adapter_input", ["sublayer_output", "sublayer_input"])
+@pytest.mark.parametrize("highway_downsample", ["difference", "direct"])
+def test_no_trunk_activation_is_kept_for_backward(adapter_input, highway_downsample):
+    model = _swin(adapter_input=adapter_input, highway_downsample=highway_downsample)
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(torch.rand(ODD) * 255)
+    assert sum(o.sum() for o in out.values()).requires_grad
+    # Side-network weights and compact (bf16) copies only: no fp32 activation of batch 1 (B x L x C).
+    fp32_activations = [tuple(t.shape) for t in kept if t.dtype == torch.float32 and t.dim() >= 3 and t.shape[0] == 1]
+    assert kept and not fp32_activations, fp32_activations
+
+
+def test_direct_downsampling_starts_off_zero_and_difference_at_zero():
+    torch.manual_seed(0)
+    x = torch.rand(ODD) * 255
+    fixed = E3VASwin("nano", tuning="fixed", drop_path_rate=0.0)
+    for mode, zero in (("difference", True), ("direct", False)):
+        torch.manual_seed(0)
+        model = E3VASwin("nano", drop_path_rate=0.0, highway_downsample=mode)  # adapters at zero
+        model.trunk.load_state_dict(fixed.trunk.state_dict())
+        with torch.no_grad():
+            for i in range(1, 4):  # PM's LayerNorm has a bias in real checkpoints: PM(0) = W beta
+                model.trunk.layers[i - 1].downsample.norm.bias.normal_()
+                fixed.trunk.layers[i - 1].downsample.norm.bias.copy_(model.trunk.layers[i - 1].downsample.norm.bias)
+        out, ref = model(x), fixed(x)
+        torch.testing.assert_close(out["p0"], ref["p0"])  # nothing crosses into stage 0
+        assert torch.allclose(out["p3"], ref["p3"], atol=1e-5) is zero, mode
+
+
+def test_stacked_and_parallel_differ_once_perturbed():
+    x = torch.rand(ODD) * 255
+    parallel, stacked = _swin(), _swin(adapter_arrangement="stacked")
+    stacked.load_state_dict(parallel.state_dict())
+    out_p, out_s = parallel(x), stacked(x)
+    assert not torch.allclose(out_p["p3"], out_s["p3"], atol=1e-4)
+    torch.testing.assert_close(out_p["p0"].shape, out_s["p0"].shape)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(adapter_input="attention"), "sublayer_output"),
+        (dict(adapter_arrangement="serial"), "stacked"),
+        (dict(highway_downsample="merge"), "direct"),
+        (dict(tuning="fixed", adapter_input="sublayer_input"), "no highway"),
+        (dict(tuning="losa", adapter_input="sublayer_input"), "highway's options"),
+        (dict(tuning="full", highway_downsample="direct"), "no side network"),
+    ],
+)
+def test_bad_option_values_name_the_accepted_ones(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        E3VASwin("nano", **kwargs)
+
+
+def test_vit_refuses_highway_downsample():
+    with pytest.raises(ValueError, match="no patch merging"):
+        E3VAViT("nano", img_size=64, window_size=2, highway_downsample="direct")
+
+
+def test_files_record_their_taps_and_refuse_another_model():
+    trained = _swin()
+    saved = trainable_checkpoint(trained)
+    assert saved["e3va_trainable"]["side_network"] == {
+        "adapter_input": "sublayer_output", "highway_downsample": "difference"}
+    apply_trainable(_swin(), saved)  # same choices: loads
+    with pytest.raises(TrainableCheckpointError, match="adapter_input=sublayer_output"):
+        apply_trainable(_swin(adapter_input="sublayer_input"), saved)
+    with pytest.raises(TrainableCheckpointError, match="highway_downsample=difference"):
+        apply_trainable(_swin(highway_downsample="direct"), saved)
+    # A file written before the record existed was trained on the sub-layer inputs.
+    legacy = {**saved, "e3va_trainable": {k: v for k, v in saved["e3va_trainable"].items() if k != "side_network"}}
+    with pytest.raises(TrainableCheckpointError, match="adapter_input=sublayer_input"):
+        apply_trainable(_swin(), legacy)
+    apply_trainable(_swin(adapter_input="sublayer_input"), legacy)
+
+
+def test_the_papers_taps_keep_as_much_for_backward_as_the_inputs_did():
+    """One compact N x C copy per adapter either way; "direct" adds one packed side state per stage end."""
+    x = torch.randn(2, 3, 128, 128)
+    saved = {
+        (a, d): bytes_saved_for_backward(E3VASwin("nano", adapter_input=a, highway_downsample=d).train(), x)
+        for a, d in [("sublayer_output", "difference"), ("sublayer_input", "difference"), ("sublayer_output", "direct")]
+    }
+    assert saved[("sublayer_output", "difference")] == saved[("sublayer_input", "difference")], saved
+    # The side state at stages 0-2 ends, in bf16: 2 x (32x32x32 + 16x16x64 + 8x8x128) x 2 bytes.
+    extra = 2 * (32 * 32 * 32 + 16 * 16 * 64 + 8 * 8 * 128) * 2
+    assert saved[("sublayer_output", "direct")] - saved[("sublayer_output", "difference")] == extra, saved
