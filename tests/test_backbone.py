@@ -344,3 +344,26 @@ def test_low_precision_trunk_errors_name_the_problem():
         E3VASwin("nano", tuning="full", trunk_dtype="bfloat16")(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="int8"):
         E3VASwin("nano", trunk_dtype="int8")
+
+
+@pytest.mark.parametrize("tuning", ["e3va", "losa"])
+def test_bfloat16_trunk_computes_in_bfloat16_and_the_side_network_in_float32(tuning):
+    """Hooks on the trunk's sub-layers see bf16 outputs; hooks on every side-network layer see fp32 in and out
+    (a trunk that ignored trunk_dtype, or a side network left under autocast, fails here)."""
+    model = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0, trunk_dtype="bfloat16").train()
+    side = model.highway if model.highway is not None else model.losa
+    trunk_dtypes, side_dtypes = set(), set()
+    for block in (b for stage in model.trunk.layers for b in stage.blocks):
+        for sub in (block.attn, block.mlp):
+            sub.register_forward_hook(lambda m, a, out: trunk_dtypes.add(out.dtype))
+    for layer in side.modules():
+        if isinstance(layer, torch.nn.Linear) or hasattr(layer, "u"):
+            layer.register_forward_hook(lambda m, a, out: side_dtypes.update({a[0].dtype, out.dtype}))
+    if tuning == "e3va":  # the fused function bypasses the layers' forward: take the plain graph
+        for adapter in side.modules():
+            if hasattr(adapter, "fused"):
+                adapter.fused = False
+    out = model(torch.randn(1, 3, 64, 64))
+    assert trunk_dtypes == {torch.bfloat16}
+    assert side_dtypes == {torch.float32}
+    assert all(v.dtype == torch.float32 for v in out.values())

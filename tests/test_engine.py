@@ -60,14 +60,19 @@ def toy_test_loader(num_images: int = 3) -> List[List[Dict[str, torch.Tensor]]]:
 
 
 class ToyEvaluator(DatasetEvaluator):
+    """Counts images and sums the scores: the second depends on the weights, so an evaluation of the wrong
+    (e.g. unloaded) weights shows."""
+
     def reset(self) -> None:
         self._count = 0
+        self._score = 0.0
 
     def process(self, inputs, outputs) -> None:
         self._count += len(outputs)
+        self._score += sum(float(o["score"]) for o in outputs)
 
     def evaluate(self):
-        return {"toy": {"images": float(self._count)}}
+        return {"toy": {"images": float(self._count), "score": self._score}}
 
 
 def all_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -248,10 +253,12 @@ def test_main_trains_then_evaluates_from_a_config_file(tmp_path, restore_loggers
     assert LazyConfig.load(str(config)).train.max_iter == 2
 
     results = tool.main(parser.parse_args(["--config-file", str(config), "train.eval_period=1"]))
-    assert results == {"toy": {"images": 3.0}}
+    assert results["toy"]["images"] == 3.0
+    trained_score = results["toy"]["score"]
     assert [r["iteration"] for r in _metrics(out) if "peak_rss_mb" in r] == [0, 1]  # log_period=1
     assert (out / SUMMARY_FILENAME).is_file() and (out / "config.yaml").is_file()
 
     weights = f"train.init_checkpoint={out / 'model_final.pth'}"
     results = tool.main(parser.parse_args(["--config-file", str(config), "--eval-only", weights]))
-    assert results == {"toy": {"images": 3.0}}
+    # The trained weights were loaded: the score is the trained model's, not a fresh initialisation's.
+    assert results["toy"] == {"images": 3.0, "score": pytest.approx(trained_score, rel=1e-6)}

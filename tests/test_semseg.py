@@ -141,10 +141,25 @@ def test_upernet_head_shapes_and_cross_entropy_with_ignore_value():
     valid = targets != 255
     expected = torch.nn.functional.cross_entropy(upsampled.permute(0, 2, 3, 1)[valid], targets[valid])
     assert losses["loss_sem_seg"].item() == pytest.approx(expected.item(), rel=1e-5)
-    # ... so the labels under the ignored pixels do not matter,
-    other = targets.clone()
-    other[:, :20] = 255
-    assert head(features, other)[1]["loss_sem_seg"].item() == pytest.approx(losses["loss_sem_seg"].item())
+    # ... so the ignored pixels get no gradient: the upsampled logits' gradient is exactly zero there and
+    # not elsewhere (the head's own upsampling, caught by a hook on its output),
+    grads = []
+    original = torch.nn.functional.interpolate
+
+    def capture(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if out.requires_grad and out.shape[-2:] == (64, 64):
+            out.register_hook(grads.append)
+        return out
+
+    torch.nn.functional.interpolate = capture
+    try:
+        head(features, targets)[1]["loss_sem_seg"].backward()
+    finally:
+        torch.nn.functional.interpolate = original
+    (grad,) = grads
+    assert torch.all(grad.permute(0, 2, 3, 1)[~valid] == 0)
+    assert torch.all(grad.abs().sum(1)[valid] > 0)
     # and an all-ignored target gives a zero loss, not NaN, that still backpropagates.
     empty = head(features, torch.full((2, 64, 64), 255))[1]["loss_sem_seg"]
     assert empty.item() == 0.0
