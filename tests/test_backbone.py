@@ -169,6 +169,8 @@ def test_adapter_overrides():
         (dict(tuning="no_such_method"), "no_such_method"),
         (dict(rank=0), "0"),
         (dict(rank=-2), "-2"),
+        (dict(rank=True), "True"),  # a bool is not a rank (it would be taken as 1)
+        (dict(tuning="losa", rank=True), "True"),
         (dict(activation="swish2"), "swish2"),
         (dict(window_size=9), "9"),
         (dict(out_features=("p5",)), "p5"),

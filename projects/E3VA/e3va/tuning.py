@@ -72,7 +72,7 @@ class LoSASpec:
     activation: str = "gelu"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"LoSA rank must be a positive integer, got {self.rank!r}.")
 
 

@@ -9,6 +9,10 @@ finds itself after a ``PeriodicWriter``. ``tools/lazyconfig_train_net.py`` regis
 ``LRScheduler``, before the checkpointer and ``EvalHook``, so that its step times and summary cover
 training only (no checkpoint saving, no evaluation).
 
+In a multi-process run every process measures its own memory; the readings put into the storage (so
+the console line and ``metrics.json``) and the summary's memory and time are the maximum over the ranks,
+and ``e3va_summary.json`` lists each rank's values under ``per_rank``.
+
 Detectron2's ``CommonMetricPrinter`` prints only losses, ``[metric]`` keys, times, the learning
 rate and CUDA ``max_mem``; :class:`MemoryMetricPrinter` (used by :func:`default_e3va_writers`) adds
 the peak-memory scalars to its console line.
@@ -20,7 +24,7 @@ import logging
 import os
 import random
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, EventWriter, get_event_storage
 from detectron2.utils.file_io import PathManager
 
+from .distributed import allreduce_bytes_per_step, ddp_gradient_bytes, gather_from_all_ranks, trainable_fingerprint
 from .memory import DeviceLike, peak_memory_mb, reset_peak_memory
 from .params import count_parameters
 
@@ -39,6 +44,7 @@ __all__ = [
     "MemoryMetricPrinter",
     "PeakMemoryHook",
     "RandomStateHook",
+    "combine_rank_summaries",
     "default_e3va_writers",
 ]
 
@@ -47,6 +53,8 @@ logger = logging.getLogger("e3va")
 # The scalars PeakMemoryHook puts into the EventStorage: the first two on CUDA, the last elsewhere.
 MEMORY_SCALARS = ("peak_mem_alloc_mb", "peak_mem_reserved_mb", "peak_rss_mb")
 SUMMARY_FILENAME = "e3va_summary.json"
+# Per-rank values of a summary that combine_rank_summaries replaces by their maximum over the ranks.
+_MAX_OVER_RANKS = (*MEMORY_SCALARS, "rss_mb", "mean_iter_time_s")
 _DEFAULT_PERIOD = 20  # Detectron2's default log period
 
 
@@ -62,6 +70,10 @@ class PeakMemoryHook(HookBase):
     mean wall time of an iteration, measured between its own ``before_step`` and ``after_step`` and
     skipping ``warmup_iters`` first iterations; with ``output_dir`` it also writes that summary to
     ``<output_dir>/e3va_summary.json`` (main process only). See the module docstring for ordering.
+
+    In a multi-process run the readings and the summary are the maximum over the processes (see
+    :func:`combine_rank_summaries`); the hook must then be registered in every process, since it gathers
+    their readings (a collective) at each reading and after training.
     """
 
     def __init__(
@@ -128,7 +140,7 @@ class PeakMemoryHook(HookBase):
             self._put_scalars()
 
     def after_train(self) -> None:
-        summary = self.summary()
+        summary = combine_rank_summaries(gather_from_all_ranks(self.summary()))
         self.last_summary = summary
         logger.info("Training summary: " + self.format_summary(summary))
         if self._output_dir and comm.is_main_process():
@@ -140,7 +152,9 @@ class PeakMemoryHook(HookBase):
 
     # ---- readings
     def summary(self) -> Dict[str, Any]:
-        """Parameters, peak memory and mean iteration time of the run so far, JSON-serialisable."""
+        """Parameters, peak memory and mean iteration time of the run so far in this process,
+        JSON-serialisable; also the bytes DDP all-reduces per step and a fingerprint of the trainable
+        weights (equal on all ranks of a healthy multi-process run)."""
         model = getattr(self.trainer, "model", None)
         trainable, total = count_parameters(model) if model is not None else (0, 0)
         device = self._device if self._device is not None else torch.device("cpu")
@@ -155,6 +169,11 @@ class PeakMemoryHook(HookBase):
             "timed_iters": self._timed_iters,
             "warmup_iters": self._warmup_iters,
             "iterations": self._steps,
+            "rank": comm.get_rank(),
+            "world_size": comm.get_world_size(),
+            "allreduce_bytes_per_step": allreduce_bytes_per_step(model) if model is not None else 0,
+            "ddp_gradient_bytes": ddp_gradient_bytes(model) if model is not None else None,
+            "trainable_sha256": trainable_fingerprint(model) if model is not None else None,
         }
 
     @staticmethod
@@ -162,6 +181,8 @@ class PeakMemoryHook(HookBase):
         """One line for the log."""
         keys = (*MEMORY_SCALARS, "rss_mb")
         memory = ", ".join(f"{k}={summary[k]:.1f}" for k in keys if k in summary)
+        if summary.get("world_size", 1) > 1:
+            memory += f" (max over {summary['world_size']} processes)"
         if summary["mean_iter_time_s"] is None:
             timing = f"too few iterations to time ({summary['iterations']}, warm-up {summary['warmup_iters']})"
         else:
@@ -176,7 +197,9 @@ class PeakMemoryHook(HookBase):
 
     # ---- helpers
     def _put_scalars(self) -> None:
-        readings = peak_memory_mb(self._device)
+        # Every rank reaches this on the same iterations, so the gather cannot leave one waiting.
+        all_readings = gather_from_all_ranks(peak_memory_mb(self._device))
+        readings = {k: max(r[k] for r in all_readings) for k in all_readings[0]}
         storage = self.trainer.storage
         for key in MEMORY_SCALARS:
             if key in readings:
@@ -201,6 +224,22 @@ class PeakMemoryHook(HookBase):
             )
 
 
+def combine_rank_summaries(summaries: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One summary from the per-process ones (rank order): rank 0's, with memory readings and the mean
+    iteration time replaced by their maximum over the ranks (the busiest process is what a machine must
+    hold, the slowest what the run waits for), and ``per_rank``: each rank's own values."""
+    if not summaries:
+        raise ValueError("combine_rank_summaries needs at least one summary, got none.")
+    combined = {k: v for k, v in summaries[0].items() if k not in ("rank", "trainable_sha256")}
+    for key in _MAX_OVER_RANKS:
+        values = [s[key] for s in summaries if s.get(key) is not None]
+        if key in combined:
+            combined[key] = max(values) if values else None
+    per_rank_keys = ("rank", *_MAX_OVER_RANKS, "trainable_sha256")
+    combined["per_rank"] = [{k: s[k] for k in per_rank_keys if k in s} for s in summaries]
+    return combined
+
+
 class RandomStateHook(HookBase):
     """Saves the random generators of the training process in checkpoints and restores them on resume.
 
@@ -209,12 +248,29 @@ class RandomStateHook(HookBase):
     fresh seed, so a resumed run drifts from the uninterrupted one. With this hook it does not, as long as
     the data stream itself repeats (``num_workers=0`` and a deterministic order: the sampler's position is
     not restored, and worker processes seed themselves).
+
+    Multi-process runs: every rank draws from its own generators (Detectron2 seeds rank ``r`` with
+    ``seed + r``), but only rank 0 writes checkpoints. So, on the iterations where the checkpointer saves
+    (``checkpoint_period``, and the last one), every rank hands its state to all others here, before the
+    checkpointer runs, and the checkpoint holds ``{"world_size": N, "ranks": [state of rank 0, ...]}``;
+    on resume each rank takes its own. A checkpoint from another number of processes leaves the generators
+    as seeded, with a warning.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint_period: Optional[int] = None) -> None:
+        """
+        Args:
+            checkpoint_period: the ``PeriodicCheckpointer``'s period; needed in multi-process runs (where
+                the states are gathered on exactly the iterations it saves), unused in single-process ones.
+        """
+        if checkpoint_period is not None and checkpoint_period <= 0:
+            raise ValueError(f"checkpoint_period must be positive or None, got {checkpoint_period}")
+        self._period = checkpoint_period
         self._pending: Optional[Dict[str, Any]] = None
+        self._gathered: Optional[Tuple[int, List[Dict[str, Any]]]] = None  # (iteration, states by rank)
 
-    def state_dict(self) -> Dict[str, Any]:
+    @staticmethod
+    def _own_state() -> Dict[str, Any]:
         _, keys, pos, has_gauss, cached = np.random.get_state()
         state = {
             "torch": torch.get_rng_state(),
@@ -226,8 +282,41 @@ class RandomStateHook(HookBase):
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
+    def after_step(self) -> None:
+        if comm.get_world_size() == 1:
+            return
+        if self._period is None:
+            raise ValueError("RandomStateHook needs checkpoint_period in a multi-process run; got None.")
+        it = self.trainer.iter
+        # fvcore's PeriodicCheckpointer.step saves on exactly these iterations.
+        if (it + 1) % self._period == 0 or it >= self.trainer.max_iter - 1:
+            self._gathered = (it, gather_from_all_ranks(self._own_state()))
+
+    def state_dict(self) -> Dict[str, Any]:
+        world_size = comm.get_world_size()
+        if world_size == 1:
+            return self._own_state()
+        if self._gathered is not None and self._gathered[0] == self.trainer.iter:
+            ranks: List[Optional[Dict[str, Any]]] = list(self._gathered[1])
+        else:  # a save off the checkpoint period: the other ranks' states cannot be asked for now
+            logger.warning(f"RandomStateHook: saving at iteration {self.trainer.iter}, off checkpoint_period="
+                           f"{self._period}: only rank {comm.get_rank()}'s generators are saved.")
+            ranks = [self._own_state() if r == comm.get_rank() else None for r in range(world_size)]
+        return {"world_size": world_size, "ranks": ranks}
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._pending = state  # applied in before_train
+        world_size, rank = comm.get_world_size(), comm.get_rank()
+        saved_world = state.get("world_size", 1) if "ranks" in state else 1
+        own = state["ranks"][rank] if "ranks" in state and saved_world == world_size else None
+        if saved_world == world_size == 1:
+            own = state
+        if own is None:
+            logger.warning(
+                f"RandomStateHook: the checkpoint holds the generators of {saved_world} process(es), this run has "
+                f"{world_size}; rank {rank} keeps its freshly seeded generators (the resumed run will not repeat "
+                "the random draws of an uninterrupted one)."
+            )
+        self._pending = own  # applied in before_train
 
     def before_train(self) -> None:
         if self._pending is None:

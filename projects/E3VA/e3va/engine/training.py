@@ -5,6 +5,22 @@ optimizer gets the trainable parameters only (and says how many there are), peak
 with the other metrics, a summary goes to ``<train.output_dir>/e3va_summary.json``, pretrained Swin
 classification weights load through ``E3VACheckpointer``, and the CPU works (``train.device=cpu``).
 ``tools/lazyconfig_train_net.py`` is the command line; ``tools/demo.py`` calls these functions.
+
+Multi-process runs go through Detectron2's ``launch`` (``--num-gpus``, ``--num-machines``, ...): DDP over
+NCCL on CUDA, over gloo on the CPU (see ``e3va.engine.distributed``). Checkpoints, ``metrics.json`` and
+``e3va_summary.json`` are written by rank 0 only; evaluation runs on every rank's shard of the test set
+and Detectron2's evaluators gather the shards on rank 0.
+
+``train.ddp.find_unused_parameters`` stays Detectron2's default, False, for every tuning method: each
+step reaches every trainable parameter (tests/test_tuning_methods.py and tests/test_distributed.py check
+every registered method, heads included). For
+E3VA that is by construction: the frozen trunk runs without autograd and holds no trainable parameter,
+every highway adapter adds into its stage's side state, which enters that stage's output (and, through
+the patch merging, the later stages), every stage output feeds the FPN and trunk stages past the last
+output are not run; Detectron2's heads keep idle branches in the graph (an image without foreground
+gives a mask loss of ``0 * sum``). A method or head that can skip parameters in a step sets
+``train.ddp.find_unused_parameters=True`` in its config; without it DDP stops at the next step and names
+the parameters that got no gradient.
 """
 from __future__ import annotations
 
@@ -24,7 +40,6 @@ from detectron2.engine import (
     hooks,
     launch,
 )
-from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -33,6 +48,7 @@ from torch import nn
 
 from ..checkpoint import E3VACheckpointer
 from ..trainable import config_record
+from .distributed import configure_cpu_threads, convert_sync_batchnorm_for_cpu, create_ddp_model
 from .hooks import PeakMemoryHook, RandomStateHook, default_e3va_writers
 from .params import print_trainable_parameters
 
@@ -156,6 +172,7 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
     model = instantiate(cfg.model)
     logging.getLogger("detectron2").info(f"Model:\n{model}")
     model.to(device)
+    convert_sync_batchnorm_for_cpu(model, device)  # before the optimizer: it makes new modules
     print_trainable_parameters(model, logger)
     trainable_only = bool(cfg.train.get("trainable_only_checkpoints", False))
     record = config_record(cfg) if trainable_only else None  # before the optimizer (a live object) enters cfg
@@ -163,7 +180,7 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
     optimizer = build_optimizer(cfg, model)
     train_loader = instantiate(cfg.dataloader.train)
 
-    model = create_ddp_model(model, **cfg.train.ddp)
+    model = create_ddp_model(model, device, **cfg.train.ddp)
     trainer = (AMPTrainer if use_amp(cfg, device) else SimpleTrainer)(model, train_loader, optimizer)
     checkpointer = build_checkpointer(
         model, cfg.train.output_dir, trainable_only=trainable_only, config=record, trainer=trainer
@@ -182,11 +199,13 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
-            RandomStateHook(),  # saved with the trainer's state; makes --resume repeat the random draws
+            # Saved with the trainer's state; makes --resume repeat the random draws. Registered in every
+            # process, before the checkpointer: in multi-process runs it gathers all ranks' generators.
+            RandomStateHook(checkpoint_period=cfg.train.checkpointer.period),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             # Before the checkpointer and EvalHook, so its step times leave out saving and evaluating;
             # before the PeriodicWriter, so its scalars are written in the same record (see hooks.py).
-            memory_hook,
+            memory_hook,  # in every process: it gathers their readings
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
             hooks.EvalHook(cfg.train.eval_period, evaluate),
             hooks.PeriodicWriter(
@@ -225,11 +244,12 @@ def setup(args: argparse.Namespace) -> DictConfig:
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     """Trains (or with ``--eval-only`` evaluates) and returns the last evaluation's results."""
     cfg = setup(args)
+    configure_cpu_threads(torch.device(cfg.train.device))
     if args.eval_only:
         device = resolve_device(cfg)
         model = instantiate(cfg.model)
         model.to(device)
-        model = create_ddp_model(model)
+        model = create_ddp_model(model, device)
         load_weights(build_checkpointer(model), cfg)
         return do_test(cfg, model)
     return do_train(args, cfg).eval_results

@@ -11,8 +11,11 @@ Normalization: ``norm`` is any of Detectron2's ``get_norm`` names. The default, 
 ``SemSegFPNHead`` configs use, works at any batch size (with ``conv_dims >= 64``: its 32 groups must each
 hold 2+ values on the PPM's 1x1 map). Swin's recipe uses ``"SyncBN"`` (the ADE20K configs do, at 2
 images per GPU); outside a distributed run PyTorch's ``SyncBatchNorm`` is plain batch norm, also on
-the CPU. Any batch norm fails in training with one image per process: the PPM's 1x1 pooled branch
-then has a single value per channel. Use ``"GN"`` there.
+the CPU. In a multi-process run on the CPU (gloo), where PyTorch's ``SyncBatchNorm`` refuses CPU tensors,
+the training engine swaps it for Detectron2's ``NaiveSyncBatchNorm``, which syncs the same statistics
+over gloo, and logs it (``e3va.engine.distributed.convert_sync_batchnorm_for_cpu``). Unsynced batch norm
+fails in training with one image per process: the PPM's 1x1 pooled branch then has a single value per
+channel. Use ``"GN"`` there, or ``"SyncBN"`` over 2+ processes.
 """
 from __future__ import annotations
 
