@@ -55,7 +55,7 @@ def test_the_sweep_chooses_on_the_validation_split_never_the_test_split(tmp_path
     ap = {("shapes_minival", 3e-4): 10.0, ("shapes_minival", 1e-3): 20.0, ("shapes_minival", 3e-3): 30.0,
           ("shapes_val", 3e-4): 90.0, ("shapes_val", 1e-3): 5.0, ("shapes_val", 3e-3): 6.0}
 
-    def fake_run(out, method, lr, seed, split, max_iter, opts):
+    def fake_run(out, method, lr, seed, split, max_iter, opts, only_finished=False):
         calls.append((split, lr, seed))
         return {"params": {"method": method, "backbone_lr": lr, "seed": seed, "split": split}, "status": "ok",
                 "bbox_AP": ap[(split, lr)] + seed, "segm_AP": 1.0, "peak_rss_mb": 100.0, "mean_iter_time_s": 1.0,
@@ -68,6 +68,15 @@ def test_the_sweep_chooses_on_the_validation_split_never_the_test_split(tmp_path
     assert [c for c in calls if c[0] == "shapes_val"] == [("shapes_val", 3e-3, 0), ("shapes_val", 3e-3, 1)]
     assert summary["bbox_AP"]["mean"] == pytest.approx(6.5) and summary["bbox_AP_per_seed"] == [6.0, 7.0]
     assert "lr 0.003: 30.0" in (tmp_path / "transfer.md").read_text()
+
+
+def test_given_rates_skip_the_sweep_and_only_finished_trains_nothing(tmp_path, monkeypatch):
+    tool = _tool()
+    monkeypatch.setattr(tool.subprocess, "run", lambda *a, **k: pytest.fail("--only-finished must not train"))
+    (summary,) = tool.study(["full"], [0, 1], [3e-4, 1e-3], 2, tmp_path, [], "cmd", {"full": 1e-4}, True)
+    assert summary["chosen_backbone_lr"] == 1e-4 and summary["lr_source"] == "given" and not summary["sweep"]
+    assert summary["missing_seeds"] == [0, 1] and summary["bbox_AP"]["n"] == 0
+    assert "full seed 0, full seed 1" in (tmp_path / "transfer.md").read_text()
 
 
 def test_the_run_overrides_select_the_split_the_seed_and_the_backbone_rate(tmp_path, monkeypatch):
@@ -96,6 +105,8 @@ def test_the_run_overrides_select_the_split_the_seed_and_the_backbone_rate(tmp_p
         (["--seeds", "0,0"], "without repeats"),
         (["--seeds", "-1"], "non-negative"),
         (["--lr-sweep", "1e-3,-2"], "positive"),
+        (["--methods", "e3va", "--backbone-lr", "full=1e-4"], "must be one of --methods"),
+        (["--methods", "full", "--backbone-lr", "full=fast"], "METHOD=LR"),
     ],
 )
 def test_bad_arguments_are_named(args, needle, capsys):

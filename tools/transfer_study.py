@@ -58,10 +58,12 @@ def run_dir(out: Path, method: str, lr: float, seed: int, split: str) -> Path:
 
 
 def train_and_evaluate(
-    out: Path, method: str, lr: float, seed: int, split: str, max_iter: Optional[int], opts: Sequence[str]
+    out: Path, method: str, lr: float, seed: int, split: str, max_iter: Optional[int], opts: Sequence[str],
+    only_finished: bool = False,
 ) -> Dict:
     """One training and evaluation in its own process (skipped when already done with the same
-    parameters); returns the demo's summary with the run's parameters, or the failure."""
+    parameters); returns the demo's summary with the run's parameters, or the failure. With
+    ``only_finished``, a run not done yet is reported as missing instead of trained."""
     params = {"method": method, "backbone_lr": lr, "seed": seed, "split": split, "max_iter": max_iter,
               "opts": list(opts)}
     where = run_dir(out, method, lr, seed, split)
@@ -70,6 +72,8 @@ def train_and_evaluate(
         record = json.loads(record_file.read_text())
         if record.get("params") == params:
             return record
+    if only_finished:
+        return {"params": params, "status": "missing"}
     iters = [] if max_iter is None else ["--max-iter", str(max_iter)]
     overrides = [f"train.seed={seed}", f"optimizer.params.lr_factor_func.factor={lr / HEAD_LR!r}"]
     if split != TEST_SPLIT:
@@ -106,12 +110,14 @@ def mean_std(values: Sequence[float]) -> Dict[str, Optional[float]]:
             "n": len(values)}
 
 
-def summarise(method: str, lr: Optional[float], sweep: List[Dict], runs: List[Dict]) -> Dict:
-    """Per-method record: chosen rate, the sweep's validation APs, and mean ± std over the seeds."""
+def summarise(method: str, lr: Optional[float], sweep: List[Dict], runs: List[Dict], lr_source: str = "") -> Dict:
+    """Per-method record: chosen rate (and how it was set), the sweep's validation APs, and mean ± std over
+    the seeds."""
     ok = [r for r in runs if r["status"] == "ok"]
     return {
         "method": method,
         "chosen_backbone_lr": lr,
+        "lr_source": lr_source,
         "sweep": {f"{r['params']['backbone_lr']:g}": r.get("bbox_AP") for r in sweep if r["status"] == "ok"},
         "seeds": [r["params"]["seed"] for r in ok],
         "bbox_AP": mean_std([r.get("bbox_AP") for r in ok]),
@@ -121,7 +127,8 @@ def summarise(method: str, lr: Optional[float], sweep: List[Dict], runs: List[Di
         "peak_rss_mb": mean_std([r.get("peak_rss_mb") for r in ok]),
         "s_per_iter": mean_std([r.get("mean_iter_time_s") for r in ok]),
         "backbone_trainable_params": ok[0]["backbone_trainable_params"] if ok else None,
-        "failed": [r["status"] for r in runs + sweep if r["status"] != "ok"],
+        "failed": [r["status"] for r in runs + sweep if r["status"] not in ("ok", "missing")],
+        "missing_seeds": [r["params"]["seed"] for r in runs if r["status"] == "missing"],
     }
 
 
@@ -136,19 +143,24 @@ def markdown(summaries: List[Dict], command: str) -> str:
     lines = [
         f"Command: `{command}`",
         "",
-        "| method | backbone LR (chosen on minival) | box AP | mask AP | box AP per seed | backbone trainable "
+        "| method | backbone LR | box AP | mask AP | box AP per seed | backbone trainable "
         "| peak RSS (MB) | s / iter |",
         "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for s in summaries:
         per_seed = ", ".join("n/a" if v is None else f"{v:.1f}" for v in s["bbox_AP_per_seed"])
         params = "n/a" if s["backbone_trainable_params"] is None else f"{s['backbone_trainable_params']:,d}"
-        lr = "n/a" if s["chosen_backbone_lr"] is None else f"{s['chosen_backbone_lr']:g}"
+        lr = "n/a" if s["chosen_backbone_lr"] is None else f"{s['chosen_backbone_lr']:g} ({s['lr_source']})"
+        if s["backbone_trainable_params"] == 0:
+            lr = "— (nothing trains)"
         lines.append(f"| {s['method']} | {lr} | {_pm(s['bbox_AP'])} | {_pm(s['segm_AP'])} | {per_seed} | {params} "
                      f"| {_pm(s['peak_rss_mb'], '.0f')} | {_pm(s['s_per_iter'], '.2f')} |")
-    failed = [f"{s['method']}: {f}" for s in summaries for f in s["failed"]]
+    failed = [f"{s['method']}: {f}" for s in summaries for f in s["failed"] if f != "missing"]
     if failed:
         lines += ["", "Failed runs: " + "; ".join(failed)]
+    missing = [f"{s['method']} seed {seed}" for s in summaries for seed in s["missing_seeds"]]
+    if missing:
+        lines += ["", "Not run yet (the table covers the seeds listed per method): " + ", ".join(missing)]
     sweeps = [s for s in summaries if s["sweep"]]
     if sweeps:
         lines += ["", "Validation (shapes_minival) box AP of the sweep:", ""]
@@ -181,17 +193,27 @@ def plot(summaries: List[Dict], path: Path) -> None:
 
 
 def study(methods: Sequence[str], seeds: Sequence[int], sweep_lrs: Sequence[float], max_iter: Optional[int],
-          out: Path, opts: Sequence[str], command: str) -> List[Dict]:
-    """Runs (or resumes) the study and rewrites its outputs after every method."""
+          out: Path, opts: Sequence[str], command: str, fixed_lrs: Optional[Dict[str, float]] = None,
+          only_finished: bool = False) -> List[Dict]:
+    """Runs (or resumes) the study and rewrites its outputs after every method. ``fixed_lrs`` gives some
+    methods their backbone rate directly (no sweep for them)."""
     summaries = []
     runs_all = []
+    fixed_lrs = fixed_lrs or {}
     for method in methods:
         # One value is nothing to choose from: it is the rate, with no validation run.
-        candidates = sweep_lrs if len(sweep_lrs) > 1 else []
-        sweep = [train_and_evaluate(out, method, lr, seeds[0], VALIDATION_SPLIT, max_iter, opts) for lr in candidates]
-        lr = choose_lr(sweep) if candidates else (sweep_lrs[0] if sweep_lrs else HEAD_LR)
-        runs = [] if lr is None else [train_and_evaluate(out, method, lr, s, TEST_SPLIT, max_iter, opts) for s in seeds]
-        summary = summarise(method, lr, sweep, runs)
+        candidates = sweep_lrs if len(sweep_lrs) > 1 and method not in fixed_lrs else []
+        sweep = [train_and_evaluate(out, method, lr, seeds[0], VALIDATION_SPLIT, max_iter, opts, only_finished)
+                 for lr in candidates]
+        if method in fixed_lrs:
+            lr, source = fixed_lrs[method], "given"
+        elif candidates:
+            lr, source = choose_lr(sweep), "chosen on shapes_minival"
+        else:
+            lr, source = (sweep_lrs[0], "given") if sweep_lrs else (HEAD_LR, "the heads' rate")
+        runs = [] if lr is None else [train_and_evaluate(out, method, lr, s, TEST_SPLIT, max_iter, opts, only_finished)
+                                      for s in seeds]
+        summary = summarise(method, lr, sweep, runs, source)
         summaries.append(summary)
         runs_all += sweep + runs
         print(f"{method:>14}: lr {lr}  box AP {_pm(summary['bbox_AP'])}  mask AP {_pm(summary['segm_AP'])}", flush=True)
@@ -207,6 +229,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--lr-sweep", default="", help="backbone learning rates to choose from on shapes_minival, "
                         "e.g. 3e-4,1e-3,3e-3; one value: that rate, no sweep; empty: the heads' rate (1e-3)")
+    parser.add_argument("--backbone-lr", default="", help="METHOD=LR,...: these methods' backbone rate, no sweep "
+                        "(e.g. full=1e-4)")
+    parser.add_argument("--only-finished", action="store_true",
+                        help="train nothing: tabulate the finished runs and list the missing ones")
     parser.add_argument("--max-iter", type=int, default=None, help="default: the Shapes config's train.max_iter")
     parser.add_argument("--output", default=str(REPO / "output" / "transfer"))
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides for every run")
@@ -224,8 +250,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"--seeds must be non-negative integers, got {seeds}")
     if any(not lr > 0 for lr in sweep):
         parser.error(f"--lr-sweep values must be positive, got {sweep}")
+    fixed_lrs = {}
+    for item in parse_list(args.backbone_lr, str, "--backbone-lr") if args.backbone_lr.strip() else []:
+        method, _, value = item.partition("=")
+        try:
+            fixed_lrs[method] = float(value)
+        except ValueError:
+            parser.error(f"--backbone-lr takes METHOD=LR items, got {item!r}")
+        if method not in methods or not fixed_lrs[method] > 0:
+            parser.error(f"--backbone-lr {item!r}: the method must be one of --methods {methods}, the rate positive")
     command = " ".join(shlex.quote(a) for a in ["python", "tools/transfer_study.py", *(argv or sys.argv[1:])])
-    study(methods, seeds, sweep, args.max_iter, Path(args.output), args.opts, command)
+    study(methods, seeds, sweep, args.max_iter, Path(args.output), args.opts, command, fixed_lrs, args.only_finished)
     print(f"wrote {Path(args.output) / 'transfer.md'}")
 
 
