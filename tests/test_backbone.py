@@ -260,8 +260,9 @@ def test_fused_side_networks_match_the_plain_graph(tuning, min_grads, saved_inpu
     """E3VA's adapters and LoSA's mixers, the patch merging they cross and the norms before the FPN,
     against plain autograd: same outputs; gradients as close as the stored input's precision allows."""
     torch.manual_seed(0)
-    plain = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0, fused_adapters=False).eval()
-    fused = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0, saved_input_dtype=saved_input_dtype).eval()
+    # Training mode: the fused functions run only there (eval mode takes plain ops, for export).
+    plain = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0, fused_adapters=False).train()
+    fused = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0, saved_input_dtype=saved_input_dtype).train()
     side = plain.highway if plain.highway is not None else plain.losa
     with torch.no_grad():  # non-zero last projections, so every gradient path is exercised
         for p in side.parameters():

@@ -31,6 +31,6 @@ fi
   'fvcore<0.1.6' 'iopath<0.1.11' 'omegaconf>=2.1,<2.4' 'hydra-core>=1.1,<1.4' 'pycocotools>=2.0.2' \
   'termcolor>=1.1' 'yacs>=0.1.8' 'tabulate' 'cloudpickle' 'tqdm>4.29' 'matplotlib>=3.5' 'packaging' \
   'setuptools<80' 'tensorboard>=2.10' 'timm>=1.0,<1.1' 'opencv-python-headless>=4.5' 'peft>=0.13,<0.22' \
-  'pytest>=7' 'psutil>=5.9'
+  'pytest>=7' 'psutil>=5.9' 'onnx>=1.20,<1.24' 'onnxruntime>=1.22,<1.33'
 "$VPY" -m pip install -q --no-deps --no-build-isolation -e .
 "$VPY" -c "import detectron2, e3va; print('[install] detectron2', detectron2.__version__, '| e3va ready')"
