@@ -215,7 +215,7 @@ def test_do_train_on_cpu_writes_memory_and_optimizes_trainable_only(tmp_path):
 
     assert result.summary["iterations"] == 3
     assert json.loads((tmp_path / SUMMARY_FILENAME).read_text())["total_params"] == 81
-    assert result.eval_results == {"toy": {"images": 3.0}}  # the evaluation after training
+    assert result.eval_results["toy"]["images"] == 3.0  # the evaluation after training
     assert (tmp_path / "model_final.pth").is_file()
 
 

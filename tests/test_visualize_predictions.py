@@ -17,6 +17,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 
+from e3va.trainable import full_checkpoint
 from e3va.visualize import draw_semantic_predictions, save_side_by_side
 from helpers import CONFIGS, REPO
 
@@ -36,7 +37,7 @@ tool = _load_tool()
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> Path:
-    torch.save({"model": model.state_dict()}, path)
+    torch.save(full_checkpoint(model), path)  # with its side-network record, as training writes it
     return path
 
 

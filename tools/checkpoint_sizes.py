@@ -19,13 +19,14 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 
 from e3va import backbone_config_key, find_tuned_backbone, save_trainable
+from e3va.overrides import apply_overrides
 from e3va.trainable import config_record, trainable_state_dict
 from e3va.engine.params import count_parameters
 
 
 def measure(config_file: str, tuning: str, opts=()) -> dict:
     """Bytes of ``{"model": state_dict}`` and of the trainable-only file, for one tuning method."""
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+    cfg = apply_overrides(LazyConfig.load(config_file), list(opts))
     cfg = LazyConfig.apply_overrides(cfg, [f"{backbone_config_key(cfg)}.tuning={tuning}"])
     model = instantiate(cfg.model)
     trainable, total = count_parameters(model)

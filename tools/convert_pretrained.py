@@ -19,8 +19,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-import torch
-
+from e3va.atomic import atomic_torch_save, refuse_overwriting_inputs
 from e3va.pretrained import (
     adapt_to_trunk,
     infer_swin_architecture,
@@ -73,13 +72,14 @@ def _window(arg: Optional[int], arch: dict) -> int:
 
 def convert(args: argparse.Namespace) -> None:
     """Reads, adapts and writes; raises ValueError on a source that does not fit."""
+    refuse_overwriting_inputs(args.dst, src=args.src)
     state_dict = load_swin_pretrained(args.src, fmt=args.source)
     arch = infer_swin_architecture(state_dict)
     size, window = _size(args.size, arch), _window(args.window_size, arch)
     # drop_path_rate does not change any parameter; 0 keeps the throwaway trunk simple.
     trunk = build_swin_trunk(size, window_size=window, drop_path_rate=0.0)
     adapted, report = adapt_to_trunk(state_dict, trunk)
-    torch.save(
+    atomic_torch_save(
         {
             "model": {args.prefix + key: value for key, value in adapted.items()},
             "__author__": "e3va convert_pretrained",

@@ -19,6 +19,7 @@ from detectron2.config import LazyConfig, instantiate
 
 from e3va import TUNING_METHODS, backbone_config_key
 from e3va.backbone import find_tuned_backbone
+from e3va.overrides import apply_overrides
 from e3va.engine.distributed import allreduce_bytes_per_step
 
 _MB = 2.0**20
@@ -63,7 +64,7 @@ def main() -> None:
         parser.error(f"unknown method(s) {unknown}; valid: {', '.join(TUNING_METHODS)}")
     rows = []
     for method in methods:
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)
         rows.append(method_bytes(cfg, method))
         print(f"{method}: {rows[-1]['total_bytes']:,d} bytes", flush=True)
     print(table(rows))

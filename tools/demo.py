@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, detection_utils
 from detectron2.engine import default_argument_parser
 
@@ -35,7 +34,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tuning", default="e3va", choices=sorted(e3va.TUNING_METHODS))
     parser.add_argument("--max-iter", type=int, default=None, help="default: the config's train.max_iter")
-    parser.add_argument("--output-dir", default=None, help="default: output/demo_<tuning>")
+    parser.add_argument("--output-dir", default=None,
+                        help="default: output/demo_<tuning>, overwritten by each run; a directory given here that "
+                             "already holds checkpoints is refused (add train.allow_overwrite=True to overwrite)")
     parser.add_argument("--num-images", type=int, default=6, help="validation images to draw")
     parser.add_argument("--score-thresh", type=float, default=0.5)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides, KEY=VALUE")
@@ -64,6 +65,8 @@ def main() -> None:
     start = time.perf_counter()
     output_dir = Path(args.output_dir or REPO / "output" / f"demo_{args.tuning}")
     opts = [f"model.backbone.bottom_up.tuning={args.tuning}", f"train.output_dir={output_dir}"]
+    if args.output_dir is None:  # the demo's own scratch directory: `make demo` twice retrains there
+        opts.append("train.allow_overwrite=True")
     if args.max_iter is not None:
         opts += [f"train.max_iter={args.max_iter}", f"train.eval_period={args.max_iter}"]
     d2_args = default_argument_parser().parse_args(["--config-file", str(CONFIG), *opts, *args.opts])

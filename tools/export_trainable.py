@@ -18,10 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 
 from e3va import E3VACheckpointer, save_trainable
+from e3va.atomic import atomic_torch_save, refuse_overwriting_inputs
+from e3va.overrides import load_config
 from e3va.trainable import config_record, full_checkpoint
 from e3va.engine.params import format_trainable_parameters
 
@@ -39,15 +40,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    try:
+        refuse_overwriting_inputs(args.output, weights=args.weights, merge=args.merge, config_file=args.config_file)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
+    cfg = load_config(args.config_file, args.opts)
     model = instantiate(cfg.model)
     checkpointer = E3VACheckpointer(model)
     checkpointer.load(args.weights)
     output = Path(args.output)
     if args.merge:
         checkpointer.load(args.merge)  # refuses a task file made on other base weights or another method
-        output.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(full_checkpoint(model, __author__="e3va export_trainable --merge"), output)
+        atomic_torch_save(full_checkpoint(model, __author__="e3va export_trainable --merge"), output)
         print(f"Merged {args.merge} onto {args.weights}: wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
     else:
         save_trainable(model, output, config=config_record(cfg))

@@ -75,7 +75,9 @@ def train_and_evaluate(
     if only_finished:
         return {"params": params, "status": "missing"}
     iters = [] if max_iter is None else ["--max-iter", str(max_iter)]
-    overrides = [f"train.seed={seed}", f"optimizer.params.lr_factor_func.factor={lr / HEAD_LR!r}"]
+    # The study owns its run directories: one without a finished record is a killed or failed run, retrained.
+    overrides = [f"train.seed={seed}", f"optimizer.params.lr_factor_func.factor={lr / HEAD_LR!r}",
+                 "train.allow_overwrite=True"]
     if split != TEST_SPLIT:
         overrides += [f"dataloader.test.dataset.names={split}", f"dataloader.evaluator.dataset_name={split}"]
     cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--tuning", method, *iters, "--output-dir", str(where),

@@ -32,6 +32,7 @@ from detectron2.data.catalog import Metadata
 from detectron2.utils.logger import setup_logger
 from omegaconf import DictConfig, OmegaConf
 
+from e3va.overrides import ConfigOverrideError, apply_overrides
 from e3va.data.roots import DatasetRootError, UnknownDatasetError, require_dataset_root
 from e3va.predictor import LazyPredictor, config_device
 from e3va.visualize import draw_ground_truth, draw_predictions, save_panels
@@ -90,7 +91,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def load_config(config_file: str, opts: Sequence[str]) -> DictConfig:
     if not Path(config_file).is_file():
         raise UsageError(f"--config-file {config_file!r} does not exist.")
-    return LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+    try:
+        return apply_overrides(LazyConfig.load(config_file), list(opts))
+    except ConfigOverrideError as error:  # a mistyped key: the message names the closest ones
+        raise UsageError(str(error)) from None
 
 
 def check_weights(weights: Sequence[str]) -> None:

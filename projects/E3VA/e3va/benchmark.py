@@ -53,6 +53,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 from detectron2.structures import BitMasks, Boxes, Instances
 
+from .atomic import atomic_write_text
+from .overrides import apply_overrides
+
 __all__ = [
     "BenchmarkSettings",
     "RECORD_FIELDS",
@@ -197,7 +200,7 @@ def load_benchmark_config(config_file: str, overrides: Sequence[str] = (), metho
     if bad:
         raise ValueError(f"Overrides must look like KEY=VALUE, got {bad}.")
     try:
-        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+        cfg = apply_overrides(cfg, list(overrides))  # a mistyped key is an error, naming the closest
     except Exception as e:  # omegaconf/Detectron2 raise several types; say which override failed
         raise ValueError(f"Could not apply overrides {list(overrides)} to {config_file}: {e}") from e
     from .backbone import backbone_config_key
@@ -353,7 +356,6 @@ def measure_method(method: str, settings: BenchmarkSettings) -> Dict[str, Any]:
 
     Exceptions propagate (the worker entry point turns them into a failed record).
     """
-    from detectron2.config import instantiate
     from detectron2.utils.events import EventStorage
 
     from .backbone import find_tuned_backbone
@@ -631,12 +633,7 @@ def summary_line(record: Mapping[str, Any]) -> str:
 def write_json(obj: Any, path: Path) -> Path:
     """Writes ``obj`` as indented JSON to ``path``, creating its folder. Through a temporary file, so a
     reader (or a run killed mid-write) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
 def load_note(records: Sequence[Mapping[str, Any]]) -> Optional[str]:

@@ -14,17 +14,19 @@ import logging
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
+from .atomic import atomic_torch_save, atomic_write_text
 from .trainable import (
     SIDE_NETWORK_KEY,
     TRAINABLE_META_KEY,
     apply_trainable,
     check_side_network,
+    full_checkpoint,
     holds_side_network,
     is_trainable_checkpoint,
     side_network_of,
@@ -160,20 +162,30 @@ class E3VACheckpointer(DetectionCheckpointer):
 
     # ---- writing
     def save(self, name: str, **kwargs: Any) -> None:
-        if not self.trainable_only:
-            record = side_network_of(self.model)  # what the side network's tensors mean (trainable.py)
-            return super().save(name, **({SIDE_NETWORK_KEY: record} if record else {}), **kwargs)
+        """As fvcore's, but atomic: the file goes to a temporary name in ``save_dir``, is fsync'ed and
+        renamed over ``<name>.pth``; only then does ``last_checkpoint`` name it. A run killed while saving
+        leaves the previous checkpoint and a ``last_checkpoint`` that names a complete file."""
         if not self.save_dir or not self.save_to_disk:
             return
-        data = trainable_checkpoint(self.model, self.config)
+        if self.trainable_only:
+            data = trainable_checkpoint(self.model, self.config)
+            kind = "trainable-only checkpoint"
+        else:
+            data = full_checkpoint(self.model)  # with the side network's record: what its tensors mean
+            kind = "checkpoint"
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
-        self.logger.info(f"Saving trainable-only checkpoint to {save_file}")
-        with self.path_manager.open(save_file, "wb") as f:
-            torch.save(data, f)
+        if os.path.basename(save_file) != basename:
+            raise ValueError(f"Checkpoint name {name!r} must be a plain file name, without directories.")
+        self.logger.info(f"Saving {kind} to {save_file}")
+        atomic_torch_save(data, save_file)
         self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Writes ``last_checkpoint`` atomically (fvcore truncates it first)."""
+        atomic_write_text(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
 
     # ---- reading
     def _load_file(self, filename: str) -> dict:

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from .atomic import atomic_torch_save
+
 __all__ = [
     "SIDE_NETWORK_KEY",
     "TRAINABLE_FORMAT",
@@ -194,13 +196,8 @@ def save_trainable(model: nn.Module, path: Union[str, os.PathLike], *, config: O
     ``config`` is stored as given (e.g. :func:`config_record` of the LazyConfig); ``extra``
     entries (e.g. ``iteration``) are saved beside the weights.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {**trainable_checkpoint(model, config), **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous file, never a truncated one
-    return path
+    return atomic_torch_save(data, path)  # a crash mid-write leaves the previous file, never a truncated one
 
 
 def check_trainable_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any], source: str = "checkpoint") -> None:

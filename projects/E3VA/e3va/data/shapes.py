@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -54,6 +53,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json, load_sem_seg
 from detectron2.evaluation import COCOEvaluator
 from pycocotools import mask as mask_util
+
+from ..atomic import atomic_open
 
 try:  # POSIX only; elsewhere concurrent generators simply race (they write identical bytes).
     import fcntl
@@ -284,19 +285,9 @@ def _check_split(split: str) -> None:
 
 
 def _atomic_write(path: Path, data: bytes, fsync: bool = False) -> None:
-    # A temp file in the same directory, then rename: readers never see a partial file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    # Readers never see a partial file; images skip the fsync (cheap to regenerate), the json does not.
+    with atomic_open(path, "wb", durable=fsync) as f:
+        f.write(data)
 
 
 @contextlib.contextmanager

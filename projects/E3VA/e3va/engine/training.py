@@ -27,7 +27,8 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -47,6 +48,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..checkpoint import E3VACheckpointer
+from ..overrides import apply_overrides
 from ..trainable import config_record
 from .distributed import configure_cpu_threads, convert_sync_batchnorm_for_cpu, create_ddp_model
 from .hooks import PeakMemoryHook, RandomStateHook, default_e3va_writers
@@ -158,16 +160,96 @@ def do_test(cfg: DictConfig, model: nn.Module) -> Dict[str, Any]:
     return ret
 
 
+class OutputDirError(RuntimeError):
+    """Training into ``train.output_dir`` would lose or silently ignore the checkpoints there."""
+
+
+def checkpoints_in(output_dir: str) -> List[str]:
+    """Names of the checkpoint files (``*.pth``) directly in ``output_dir``; [] when it does not exist."""
+    folder = Path(output_dir)
+    return sorted(p.name for p in folder.glob("*.pth") if p.is_file()) if folder.is_dir() else []
+
+
+def _last_checkpoint_problem(output_dir: str) -> Optional[str]:
+    """Why ``last_checkpoint`` cannot be resumed from, or None when it names an existing file."""
+    tag = Path(output_dir) / "last_checkpoint"
+    try:
+        name = tag.read_text().strip()
+    except FileNotFoundError:
+        return f"{tag} is missing"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{tag} cannot be read ({e})"
+    if not name:
+        return f"{tag} is empty"
+    if not (Path(output_dir) / name).is_file():
+        return f"{tag} names {name!r}, which does not exist"
+    return None
+
+
+def check_output_dir(output_dir: str, *, resume: bool, allow_overwrite: bool = False) -> None:
+    """Refuses (:class:`OutputDirError`, before anything is written) a run that would lose work or
+    silently start over: a fresh run into a directory that holds checkpoints (unless
+    ``allow_overwrite``), and a ``--resume`` that has nothing to resume or no readable ``last_checkpoint``."""
+    if not output_dir:  # nothing is saved (Detectron2's checkpointer skips an empty save_dir)
+        return
+    found = checkpoints_in(output_dir)
+    tagged = (Path(output_dir) / "last_checkpoint").exists()
+    listing = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    if not resume:
+        if (found or tagged) and not allow_overwrite:
+            raise OutputDirError(
+                f"train.output_dir={output_dir} already holds checkpoints ({listing or 'last_checkpoint'}); a new "
+                "run would overwrite them. Continue that run with --resume, pick another train.output_dir, or "
+                "overwrite them on purpose with the override train.allow_overwrite=True."
+            )
+        return
+    if not found and not tagged:
+        state = "does not exist" if not Path(output_dir).exists() else "holds no checkpoint"
+        raise OutputDirError(
+            f"--resume, but train.output_dir={output_dir} {state}: there is nothing to resume, and starting over "
+            "is not what --resume asks for. Check the directory (a typo?); to start a new run there, leave out "
+            "--resume."
+        )
+    problem = _last_checkpoint_problem(output_dir)
+    if problem:
+        raise OutputDirError(
+            f"--resume, but {problem}, while train.output_dir={output_dir} holds checkpoints ({listing or 'none'}): "
+            "resuming would start over at iteration 0 and overwrite them. Write the name of the checkpoint to "
+            f"resume from into {Path(output_dir) / 'last_checkpoint'} (e.g. {found[-1] if found else 'model_final.pth'}), "
+            "or start a new run in another train.output_dir."
+        )
+
+
+def allow_overwrite(cfg: DictConfig) -> bool:
+    """``train.allow_overwrite`` (optional, False): may a fresh run write over the checkpoints there?"""
+    return bool(cfg.train.get("allow_overwrite", False))
+
+
+def _untag_previous_run(output_dir: str) -> None:
+    """A fresh run allowed to overwrite: drops the old run's ``last_checkpoint``, so that a ``--resume``
+    after this run is killed cannot continue the old run's weights under this run's config."""
+    tag = Path(output_dir) / "last_checkpoint"
+    if tag.exists():
+        logger.warning(f"train.allow_overwrite=True: removing {tag}; the checkpoints there will be overwritten.")
+        tag.unlink()
+
+
 def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
     """Trains ``cfg.model`` as Detectron2's LazyConfig tool does.
 
     Args:
-        args: needs ``resume`` (bool): continue from the last checkpoint in ``train.output_dir``.
+        args: needs ``resume`` (bool): continue from the last checkpoint in ``train.output_dir``. A fresh
+            run into a directory with checkpoints, or a ``--resume`` with nothing (readable) to resume, is
+            refused by :func:`check_output_dir` before anything is written.
         cfg: ``model``, ``dataloader.train`` (and optionally ``dataloader.test`` / ``.evaluator``),
             ``optimizer`` (whose ``params`` gets ``model``), ``lr_multiplier`` and ``train`` as in
             Detectron2's ``common/train.py``: output_dir, init_checkpoint, max_iter, amp.enabled,
             ddp, checkpointer, eval_period, log_period, device.
     """
+    resume = bool(getattr(args, "resume", False))
+    check_output_dir(cfg.train.output_dir, resume=resume, allow_overwrite=allow_overwrite(cfg))
+    if not resume and comm.is_main_process():
+        _untag_previous_run(cfg.train.output_dir)
     device = resolve_device(cfg)
     model = instantiate(cfg.model)
     logging.getLogger("detectron2").info(f"Model:\n{model}")
@@ -217,11 +299,11 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
         ]
     )
 
-    # Without --resume (or without a checkpoint to resume), this loads train.init_checkpoint, e.g.
+    # Without --resume, this loads train.init_checkpoint, e.g.
     # pretrained Swin weights; with it, the last checkpoint of train.output_dir, optimizer, scheduler and
     # iteration included (after train.init_checkpoint when that checkpoint is trainable-only).
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
-    if args.resume and checkpointer.has_checkpoint():
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+    if resume and checkpointer.has_checkpoint():
         # The checkpoint stores the iteration that just finished, so we start at the next one.
         start_iter = trainer.iter + 1
     else:
@@ -233,8 +315,9 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
 
 def setup(args: argparse.Namespace) -> DictConfig:
     """Loads ``args.config_file`` with ``args.opts`` applied; sets up logging and the output dir."""
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = apply_overrides(LazyConfig.load(args.config_file), args.opts)  # a mistyped key is an error
+    if not getattr(args, "eval_only", False):  # before default_setup writes config.yaml and the log there
+        check_output_dir(cfg.train.output_dir, resume=bool(args.resume), allow_overwrite=allow_overwrite(cfg))
     default_setup(cfg, args)
     # default_setup configures the "detectron2" and "fvcore" loggers only.
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="e3va", abbrev_name="e3va")

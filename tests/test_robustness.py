@@ -1,0 +1,249 @@
+"""Nothing lost, nothing silently wrong (docs/ROBUSTNESS.md): atomic checkpoint writes, output directories
+that a run refuses to overwrite or to "resume" from nothing, overrides that catch typos, and tools that
+refuse to write over their input."""
+import hashlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import torch
+from detectron2.engine import default_argument_parser
+
+from e3va.atomic import atomic_torch_save
+from e3va.checkpoint import read_checkpoint_file
+from e3va.engine import training
+from e3va.engine.training import OutputDirError, check_output_dir
+from e3va.overrides import ConfigOverrideError, load_config
+from helpers import REPO
+
+SHAPES = str(REPO / "configs" / "Shapes" / "mask_rcnn_e3va.py")
+
+# ---------------------------------------------------------------------------------- atomic checkpoint writes
+_KILLED_SAVE = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {tests!r})
+from helpers import perturb, tiny_detector
+from e3va import E3VACheckpointer
+
+out = {out!r}
+torch.manual_seed(0)
+model = tiny_detector("common/models/mask_rcnn_swin_e3va.py")
+checkpointer = E3VACheckpointer(model, out, trainable_only={trainable_only})
+checkpointer.save("model_0000001")
+checkpointer.save("model_final")  # the good file that a re-run is about to replace
+torch.save(torch.load(os.path.join(out, "model_final.pth"), weights_only=True), os.path.join(out, "ref.pt"))
+perturb(model.backbone.bottom_up, seed=1)
+
+def dying_save(obj, f, *args, **kwargs):  # half a file on disk, then the process dies
+    f.write(b"PK\\x03\\x04" + b"\\0" * 4096)
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = dying_save
+checkpointer.save({name!r})
+"""
+
+
+def _hashes(folder: Path) -> Dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "trainable_only, name",  # two of the four combinations: each case starts a process (about a minute)
+    [(False, "model_final"), (True, "model_0000003")],
+    ids=["full_rewrite_of_model_final", "trainable_only_periodic"],
+)
+def test_a_save_killed_midway_keeps_the_previous_checkpoint(tmp_path, trainable_only, name):
+    out = tmp_path / "run"
+    script = _KILLED_SAVE.format(tests=str(REPO / "tests"), out=str(out), trainable_only=trainable_only, name=name)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert list(out.glob(f".{name}.pth.*.tmp")), "the kill did not happen while writing"
+
+    expected_last = "model_final.pth"  # saved before the kill; a periodic save killed midway is not tagged
+    assert (out / "last_checkpoint").read_text().strip() == expected_last
+    loaded = read_checkpoint_file(str(out / expected_last))
+    reference = torch.load(out / "ref.pt", weights_only=True)
+    assert ("e3va_trainable" in loaded) == trainable_only
+    assert loaded["model"].keys() == reference["model"].keys()
+    assert all(torch.equal(loaded["model"][k], v) for k, v in reference["model"].items())
+    assert not (out / f"{name}.pth").exists() or name == "model_final"
+    read_checkpoint_file(str(out / "model_0000001.pth"))
+
+
+def test_a_failed_atomic_save_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "w.pth"
+    atomic_torch_save({"a": torch.ones(2)}, path)
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+        atomic_torch_save({"a": torch.zeros(2), "bad": lambda: 0}, path)  # a lambda cannot be pickled
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth"]
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        atomic_torch_save({}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth"]
+
+
+# ------------------------------------------------------------------------------------------- output dirs
+def _finished_run(folder: Path, tag: str = "model_final.pth") -> Path:
+    folder.mkdir(parents=True)
+    for name in ("model_0000001.pth", "model_final.pth", "metrics.json", "config.yaml", "log.txt"):
+        (folder / name).write_bytes(name.encode() * 7)
+    if tag is not None:
+        (folder / "last_checkpoint").write_text(tag)
+    return folder
+
+
+class _BuiltSomething(AssertionError):
+    pass
+
+
+def _main(out: Path, *extra: str):
+    """The training tool's main, stopped before it builds the model: a refusal must come earlier (and
+    if the guard is broken the test fails at once, instead of training)."""
+    args = default_argument_parser().parse_args(["--config-file", SHAPES, *extra, f"train.output_dir={out}"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "instantiate", lambda *a, **k: (_ for _ in ()).throw(_BuiltSomething()))
+        return training.main(args)
+
+
+@pytest.mark.parametrize(
+    "tag, flags, needles",
+    [
+        ("model_final.pth", [], ["--resume", "train.allow_overwrite=True", "model_final.pth"]),
+        (None, ["--resume"], ["last_checkpoint is missing", "iteration 0"]),
+        ("model_0000009.pth", ["--resume"], ["names 'model_0000009.pth', which does not exist"]),
+        ("", ["--resume"], ["last_checkpoint is empty"]),
+    ],
+    ids=["fresh_run_over_checkpoints", "resume_without_last_checkpoint", "last_checkpoint_names_a_missing_file",
+         "empty_last_checkpoint"],
+)
+def test_a_run_that_would_lose_checkpoints_is_refused_and_changes_nothing(tmp_path, tag, flags, needles):
+    out = _finished_run(tmp_path / "run", tag)
+    before = _hashes(out)
+    with pytest.raises(OutputDirError) as err:
+        _main(out, *flags)
+    for needle in needles:
+        assert needle in str(err.value)
+    assert str(out) in str(err.value)
+    assert _hashes(out) == before
+
+
+def test_resume_with_nothing_to_resume_is_refused_and_creates_nothing(tmp_path):
+    typo = tmp_path / "rnu"
+    with pytest.raises(OutputDirError, match=r"rnu does not exist.*leave out --resume"):
+        _main(typo, "--resume")
+    assert not typo.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(OutputDirError, match="holds no checkpoint"):
+        _main(empty, "--resume")
+    assert list(empty.iterdir()) == []
+
+
+def test_do_train_itself_refuses_before_building_anything(tmp_path, monkeypatch):
+    """tools/demo.py and the tests call do_train directly, without setup()."""
+    out = _finished_run(tmp_path / "run")
+    before = _hashes(out)
+    cfg = load_config(SHAPES, [f"train.output_dir={out}"])
+    monkeypatch.setattr(training, "instantiate", lambda *a, **k: pytest.fail("built something"))
+    with pytest.raises(OutputDirError, match="train.allow_overwrite=True"):
+        training.do_train(Namespace(resume=False), cfg)
+    assert _hashes(out) == before
+
+
+def test_what_may_proceed(tmp_path):
+    run = _finished_run(tmp_path / "run")
+    check_output_dir(str(run), resume=True)  # a real resume
+    check_output_dir(str(run), resume=False, allow_overwrite=True)  # overwriting on purpose
+    check_output_dir(str(tmp_path / "new"), resume=False)  # a new run into a new directory
+    logs_only = tmp_path / "logs_only"  # e.g. a run that failed before its first checkpoint
+    logs_only.mkdir()
+    (logs_only / "log.txt").write_text("x")
+    check_output_dir(str(logs_only), resume=False)
+    check_output_dir("", resume=True)  # no output dir: nothing is saved, nothing to lose
+
+
+def test_allow_overwrite_drops_the_old_last_checkpoint(tmp_path):
+    """So that a --resume after the new run is killed cannot continue the old run's weights."""
+    out = _finished_run(tmp_path / "run")
+    training._untag_previous_run(str(out))
+    assert not (out / "last_checkpoint").exists() and (out / "model_final.pth").exists()
+
+
+# --------------------------------------------------------------------------------------------- overrides
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("train.max_iters=3", ["'train.max_iters'", "train.max_iter", "+train.max_iters=3"]),
+        ("optimiser.lr=0.1", ["'optimiser.lr'", "optimizer.lr"]),
+        ("train.trainable_checkpont=task.pth", ["train.trainable_checkpoint"]),
+        ("model.backbone.bottom_up.tunning=e3va", ["E3VASwin", "'tunning'", "did you mean tuning", "window_size"]),
+    ],
+)
+def test_a_mistyped_override_names_the_closest_keys(override, needles):
+    with pytest.raises(ConfigOverrideError) as err:
+        load_config(SHAPES, [override])
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_a_mistyped_override_stops_training_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigOverrideError, match="train.max_iter"):
+        _main(out, "train.max_iters=3")
+    assert not out.exists()
+
+
+def test_the_overrides_the_tools_and_tests_use_still_apply():
+    cfg = load_config(SHAPES, [
+        "train.seed=3", "optimizer.params.lr_factor_func.factor=0.5",  # tools/transfer_study.py
+        "dataloader.test.dataset.names=shapes_minival", "dataloader.evaluator.dataset_name=shapes_minival",
+        "train.trainable_checkpoint=task.pth", "train.trainable_only_checkpoints=True",  # read with .get
+        "train.allow_overwrite=True", "train.max_iter=3", "train.init_checkpoint=",
+        "model.backbone.bottom_up.rank=4",  # a constructor argument the config leaves at its default
+        "+my.new_key=7",  # Hydra's explicit addition
+    ])
+    assert cfg.train.seed == 3 and cfg.train.trainable_checkpoint == "task.pth" and cfg.my.new_key == 7
+    assert cfg.model.backbone.bottom_up.rank == 4
+
+
+def test_coco_configs_accept_the_optional_train_keys():
+    cfg = load_config(str(REPO / "configs" / "COCO" / "mask_rcnn_swin_t_e3va.py"),
+                      ["train.seed=1", "train.device=cpu", "train.trainable_checkpoint=t.pth"])
+    assert cfg.train.seed == 1
+
+
+# ------------------------------------------------------------------------------- tools and their inputs
+def _tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convert_pretrained_refuses_to_overwrite_its_source(tmp_path):
+    src = tmp_path / "swin.pth"
+    src.write_bytes(b"weights")
+    with pytest.raises(SystemExit, match="would replace that file"):
+        _tool("convert_pretrained").main([str(src), str(tmp_path / "." / "swin.pth")])
+    assert src.read_bytes() == b"weights"
+
+
+def test_export_trainable_refuses_an_output_equal_to_an_input(tmp_path):
+    weights = tmp_path / "model_final.pth"
+    weights.write_bytes(b"full checkpoint")
+    for flags in (["--weights", str(weights)], ["--weights", "base.pth", "--merge", str(weights)]):
+        with pytest.raises(SystemExit, match="would replace that file"):
+            _tool("export_trainable").main(["--config-file", SHAPES, *flags, "--output", str(weights)])
+    assert weights.read_bytes() == b"full checkpoint"
