@@ -1,6 +1,7 @@
 """Small builders shared by the tests: tiny models and synthetic Detectron2 batches."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -12,6 +13,14 @@ from e3va.benchmark import synthetic_batch as _synthetic_batch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+
+
+def load_tool(name: str):
+    """Imports ``tools/<name>.py`` as a module (the tools are scripts, not a package), freshly each call."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_config(relpath: str):

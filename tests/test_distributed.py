@@ -11,7 +11,6 @@ processes' shards, and is the reference for the resumed run and for the 1-proces
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from e3va.engine import distributed
 from e3va.engine import training as tool
 from e3va.engine.hooks import SUMMARY_FILENAME, combine_rank_summaries
 from e3va.modeling import UperNetHead
-from helpers import REPO, synthetic_batch, tiny_detector
+from helpers import REPO, load_tool, synthetic_batch, tiny_detector
 from test_tuning_methods import PAPER_METHODS
 
 MAX_ITER, STOP_AT, PERIOD = 6, 3, 2  # the interrupted run stops after iteration STOP_AT - 1
@@ -315,9 +314,7 @@ def test_cpu_model_in_an_nccl_group_is_refused_with_the_fix(monkeypatch):
 
 
 def test_train_net_help_says_what_num_gpus_does_on_the_cpu():
-    spec = importlib.util.spec_from_file_location("lazyconfig_train_net", REPO / "tools" / "lazyconfig_train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool("lazyconfig_train_net")
     text = " ".join(module.argument_parser().format_help().split())
     assert "this many CPU processes over gloo" in text
 

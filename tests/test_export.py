@@ -2,7 +2,6 @@
 Runtime, the side networks' plain path at inference, and the tool's errors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,22 +16,14 @@ from detectron2.config import LazyConfig, instantiate
 
 from e3va import E3VACheckpointer, E3VASwin
 from e3va.adapters import RecomputedFromCompactInput, _LowRankAdapterFunction
-from helpers import REPO, load_config, perturb
+from helpers import REPO, load_config, load_tool, perturb
 from test_vit import tiny_vit
 
-TOOL = REPO / "tools" / "export_model.py"
 SHAPES = "Shapes/mask_rcnn_e3va.py"
 SIZE = 64  # the last Swin stage fits in one window: the case the ONNX export has to work around
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("export_model", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool("export_model")
 
 
 TOPK = "model.roi_heads.box_predictor.test_topk_per_image=10"  # fewer boxes for the mask head: a faster test

@@ -28,8 +28,9 @@ def _adapter(adapter, z: torch.Tensor) -> torch.Tensor:
     return hidden @ _dense(adapter.up).T + adapter.up.bias
 
 
-def _record_blocks(blocks):
-    """Hooks recording, per block call, ``(x_{j-1}, h_j, x_j, (H, W))``."""
+def _block_calls(trunk, blocks, image: torch.Tensor) -> list:
+    """Runs the trunk alone (the side network's hooks are inactive outside the backbone's forward) and
+    returns, per block call, ``(x_{j-1}, h_j, x_j, (H, W))`` and the trunk's own output."""
     calls = []
 
     def pre(block, args):
@@ -45,16 +46,34 @@ def _record_blocks(blocks):
     for block in blocks:
         handles += [block.register_forward_pre_hook(pre), block.norm2.register_forward_pre_hook(pre_norm2),
                     block.register_forward_hook(post)]
-    return calls, handles
+    try:
+        with torch.no_grad():
+            out = trunk(image)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, out
+
+
+def _swin_stage_end(trunk, i: int, x_end: torch.Tensor, side: torch.Tensor, H: int, W: int):
+    """``(p_i, side state entering stage i + 1)``: ``norm_i(x_end + side)`` as an image, and
+    ``PM(x_end + side) - PM(x_end)`` (None after the last stage)."""
+    y = x_end + side
+    p = getattr(trunk, f"norm{i}")(y)
+    p = p.view(-1, H, W, p.shape[-1]).permute(0, 3, 1, 2)
+    if i == len(trunk.layers) - 1:
+        return p, None
+    merge = trunk.layers[i].downsample
+    return p, merge(y, H, W) - merge(x_end, H, W)
+
+
+def _swin_blocks(trunk) -> list:
+    return [b for stage in trunk.layers for b in stage.blocks]
 
 
 def _reference_swin(model: E3VASwin, image: torch.Tensor):
     trunk = model.trunk
-    calls, handles = _record_blocks([b for stage in trunk.layers for b in stage.blocks])
-    with torch.no_grad():
-        trunk(image)  # the trunk alone: the highway's hooks are inactive outside the backbone's forward
-    for h in handles:
-        h.remove()
+    calls, _ = _block_calls(trunk, _swin_blocks(trunk), image)
     outputs, carried, k = {}, None, 0
     with torch.no_grad():
         for i, stage in enumerate(trunk.layers):
@@ -65,11 +84,7 @@ def _reference_swin(model: E3VASwin, image: torch.Tensor):
                 total = total + _adapter(model.highway.beside_attn[i][j], h - x_in)
                 total = total + _adapter(model.highway.beside_mlp[i][j], x_out - h)
             d_end = total if carried is None else carried + total
-            y = x_out + d_end
-            p = getattr(trunk, f"norm{i}")(y)
-            outputs[f"p{i}"] = p.view(-1, H, W, p.shape[-1]).permute(0, 3, 1, 2)
-            if i < len(trunk.layers) - 1:
-                carried = stage.downsample(y, H, W) - stage.downsample(x_out, H, W)
+            outputs[f"p{i}"], carried = _swin_stage_end(trunk, i, x_out, d_end, H, W)
     return outputs
 
 
@@ -96,11 +111,8 @@ def test_vit_e3va_equals_its_equations():
     model = E3VAViT("nano", img_size=64, window_size=2)
     perturb(model.highway, scale=0.05, seed=1)
     image = torch.rand(1, 3, 64, 64) * 255
-    calls, handles = _record_blocks(list(model.trunk.blocks))
-    with torch.no_grad():
-        trunk_out = model.trunk(image)["last_feat"]
-    for h in handles:
-        h.remove()
+    calls, trunk_out = _block_calls(model.trunk, list(model.trunk.blocks), image)
+    trunk_out = trunk_out["last_feat"]
     with torch.no_grad():
         d = sum(_adapter(model.highway.beside_attn[0][j], h - x_in) + _adapter(model.highway.beside_mlp[0][j], x_out - h)
                 for j, (x_in, h, x_out, _) in enumerate(calls))
@@ -138,11 +150,7 @@ def test_swin_losa_equals_its_recurrence():
     perturb(model.trunk, scale=0.02, seed=2)
     image = torch.rand(1, 3, 61, 45) * 255
     trunk = model.trunk
-    calls, handles = _record_blocks([b for stage in trunk.layers for b in stage.blocks])
-    with torch.no_grad():
-        trunk(image)
-    for h in handles:
-        h.remove()
+    calls, _ = _block_calls(trunk, _swin_blocks(trunk), image)
     expected, state, k = {}, None, 0
     with torch.no_grad():
         for i, stage in enumerate(trunk.layers):
@@ -152,11 +160,7 @@ def test_swin_losa_equals_its_recurrence():
                 z = b if state is None else b + state
                 update = _losa_update(model.losa.mixers[i][j], z, H, W, trunk.layers[0].window_size)
                 state = update if state is None else state + update
-            y = b + state
-            p = getattr(trunk, f"norm{i}")(y)
-            expected[f"p{i}"] = p.view(-1, H, W, p.shape[-1]).permute(0, 3, 1, 2)
-            if i < len(trunk.layers) - 1:
-                state = stage.downsample(y, H, W) - stage.downsample(b, H, W)
+            expected[f"p{i}"], state = _swin_stage_end(trunk, i, b, state, H, W)
     got = model(image)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)

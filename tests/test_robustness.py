@@ -20,7 +20,7 @@ from e3va.checkpoint import read_checkpoint_file
 from e3va.engine import training
 from e3va.engine.training import OutputDirError, check_output_dir
 from e3va.overrides import ConfigOverrideError, load_config
-from helpers import REPO
+from helpers import REPO, load_tool
 
 SHAPES = str(REPO / "configs" / "Shapes" / "mask_rcnn_e3va.py")
 
@@ -223,20 +223,11 @@ def test_coco_configs_accept_the_optional_train_keys():
 
 
 # ------------------------------------------------------------------------------- tools and their inputs
-def _tool(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_convert_pretrained_refuses_to_overwrite_its_source(tmp_path):
     src = tmp_path / "swin.pth"
     src.write_bytes(b"weights")
     with pytest.raises(SystemExit, match="would replace that file"):
-        _tool("convert_pretrained").main([str(src), str(tmp_path / "." / "swin.pth")])
+        load_tool("convert_pretrained").main([str(src), str(tmp_path / "." / "swin.pth")])
     assert src.read_bytes() == b"weights"
 
 
@@ -245,5 +236,5 @@ def test_export_trainable_refuses_an_output_equal_to_an_input(tmp_path):
     weights.write_bytes(b"full checkpoint")
     for flags in (["--weights", str(weights)], ["--weights", "base.pth", "--merge", str(weights)]):
         with pytest.raises(SystemExit, match="would replace that file"):
-            _tool("export_trainable").main(["--config-file", SHAPES, *flags, "--output", str(weights)])
+            load_tool("export_trainable").main(["--config-file", SHAPES, *flags, "--output", str(weights)])
     assert weights.read_bytes() == b"full checkpoint"

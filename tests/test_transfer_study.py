@@ -1,6 +1,5 @@
 """tools/transfer_study.py: methods x seeds in their own processes, a learning rate chosen on the validation
 split, mean ± std tables and a plot; and the seeded determinism the study relies on."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,16 +9,13 @@ import pytest
 import torch
 
 from e3va import NANO_SWIN_WEIGHTS
-from helpers import REPO
+from helpers import REPO, load_tool
 
 INIT = str(NANO_SWIN_WEIGHTS) if NANO_SWIN_WEIGHTS.is_file() else ""
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("transfer_study", REPO / "tools" / "transfer_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("transfer_study")
 
 
 def test_two_methods_two_seeds_give_json_markdown_and_plot(tmp_path):

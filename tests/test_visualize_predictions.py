@@ -2,7 +2,6 @@
 predictions with a stub model, and its errors."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,21 +18,14 @@ from detectron2.data.catalog import Metadata
 
 from e3va.trainable import full_checkpoint
 from e3va.visualize import draw_semantic_predictions, save_side_by_side
-from helpers import CONFIGS, REPO
+from helpers import CONFIGS, REPO, load_tool
 
 TOOL = REPO / "tools" / "visualize_predictions.py"
 SHAPES = CONFIGS / "Shapes" / "mask_rcnn_e3va.py"
 SEMSEG_DATASET = "e3va_test_vis_semseg"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("visualize_predictions", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool("visualize_predictions")
 
 
 def _save_weights(model: torch.nn.Module, path: Path) -> Path:

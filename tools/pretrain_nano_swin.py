@@ -134,6 +134,11 @@ def dense_targets(labels: torch.Tensor, edges: torch.Tensor) -> Tuple[List[torch
     return fractions, outline
 
 
+def shapes_present(labels: torch.Tensor) -> torch.Tensor:
+    """N x K booleans: which pretext shapes each label map holds (the presence head's target)."""
+    return torch.stack([(labels == k + 1).flatten(1).any(1) for k in range(len(PRETEXT_SHAPES))], 1)
+
+
 class DenseParser(nn.Module):
     """The Swin trunk with a 1x1 parsing head per stage, outline heads at strides 4 and 8, and a
     presence classifier (global average pool of the last stage, LayerNorm, linear, as Swin's head)."""
@@ -165,7 +170,7 @@ def losses(model: DenseParser, batch: Dict[str, torch.Tensor]) -> Dict[str, torc
     """Soft-target cross-entropy per stage, outline BCE, presence BCE."""
     parse, outline, presence = model(normalise(batch["images"]))
     fractions, outline_targets = dense_targets(batch["labels"], batch["edges"])
-    present = torch.stack([(batch["labels"] == k + 1).flatten(1).any(1) for k in range(len(PRETEXT_SHAPES))], 1)
+    present = shapes_present(batch["labels"])
     return {
         "parse": sum(F.cross_entropy(p, t) for p, t in zip(parse, fractions)) / len(parse),
         "outline": sum(F.binary_cross_entropy_with_logits(o, t) for o, t in zip(outline, outline_targets)),
@@ -194,7 +199,7 @@ def held_out_metrics(model: DenseParser, pool: Dict[str, torch.Tensor]) -> Dict[
         if union:
             ious.append(inter / union)
     presence = torch.cat([o[2] for o in outs]) > 0
-    present = torch.stack([(pool["labels"] == k + 1).flatten(1).any(1) for k in range(len(PRETEXT_SHAPES))], 1)
+    present = shapes_present(pool["labels"])
     most_frequent = torch.bincount(true8.flatten()).argmax()
     shape_cells = true8 != 0
     return {

@@ -37,7 +37,7 @@ from torch import nn
 from .adapters import CompactInput, HighwayAdapter, Packed, RecomputedFromCompactInput
 from .losa import LoSASideNetwork
 from .swin import build_swin_trunk
-from .tuning import AdapterSpec, TuningMethod, get_tuning_method
+from .tuning import AdapterSpec, TuningMethod, check_choice, get_tuning_method
 
 __all__ = [
     "HIGHWAY_DOWNSAMPLES",
@@ -58,12 +58,6 @@ TRUNK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 HIGHWAY_DOWNSAMPLES = ("difference", "direct")
 # What a file trained before these options existed was made with (a file without the record).
 LEGACY_SIDE_NETWORK = {"adapter_input": "sublayer_input", "highway_downsample": "difference"}
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; expected one of {list(choices)}.")
-    return value
 
 # (block, block output) -> (H, W), the token grid of a block's output, for LoSA's window partition.
 GridOf = Callable[[nn.Module, torch.Tensor], Tuple[int, int]]
@@ -310,8 +304,8 @@ class SideTunedBackbone(Backbone):
                                            arrangement=adapter_arrangement).items() if v is not None}
         blocks = [block for stage in blocks_by_stage for block in stage]
         if (spec is not None or losa_spec is not None) and stage_crossing:
-            self.highway_downsample = _check_choice("highway_downsample", highway_downsample or "difference",
-                                                    HIGHWAY_DOWNSAMPLES)
+            self.highway_downsample = check_choice("highway_downsample", highway_downsample or "difference",
+                                                   HIGHWAY_DOWNSAMPLES)
         elif highway_downsample is not None:
             raise ValueError(
                 f"highway_downsample={highway_downsample!r} given, but "

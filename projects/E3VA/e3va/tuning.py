@@ -7,7 +7,7 @@ A method is a small frozen config, in the spirit of PEFT's tuner configs; the ba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from . import trunk_tuners
 
@@ -34,6 +34,13 @@ ADAPTER_INPUTS = ("sublayer_output", "sublayer_input")
 ADAPTER_ARRANGEMENTS = ("parallel", "stacked")
 
 
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``; else a ValueError naming it and the accepted ones."""
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; expected one of {list(choices)}.")
+    return value
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """Shape of every highway adapter: bottleneck width = ``bottleneck_ratio`` x the stage's width.
@@ -56,12 +63,8 @@ class AdapterSpec:
             raise ValueError(f"Adapter rank must be a positive integer, got {self.rank!r}.")
         if not self.bottleneck_ratio > 0:
             raise ValueError(f"bottleneck_ratio must be > 0, got {self.bottleneck_ratio!r}.")
-        if self.adapter_input not in ADAPTER_INPUTS:
-            raise ValueError(f"Unknown adapter_input {self.adapter_input!r}; expected one of {list(ADAPTER_INPUTS)}.")
-        if self.arrangement not in ADAPTER_ARRANGEMENTS:
-            raise ValueError(
-                f"Unknown adapter arrangement {self.arrangement!r}; expected one of {list(ADAPTER_ARRANGEMENTS)}."
-            )
+        check_choice("adapter_input", self.adapter_input, ADAPTER_INPUTS)
+        check_choice("adapter arrangement", self.arrangement, ADAPTER_ARRANGEMENTS)
 
 
 @dataclass(frozen=True)
