@@ -66,6 +66,27 @@ def test_the_sweep_chooses_on_the_validation_split_never_the_test_split(tmp_path
     assert "lr 0.003: 30.0" in (tmp_path / "transfer.md").read_text()
 
 
+def test_the_first_seed_reuses_the_chosen_sweep_run_and_the_choice_ignores_its_test_ap(tmp_path, monkeypatch):
+    tool = _tool()
+    calls = []
+
+    def fake_run(out, method, lr, seed, split, max_iter, opts, only_finished=False):
+        calls.append((split, lr, seed))
+        # The sweep runs' test-split AP prefers 1e-3, their validation AP prefers 3e-3.
+        also = {"shapes_val": {"bbox_AP": 50.0 if lr == 1e-3 else 40.0, "segm_AP": 2.0}}
+        return {"params": {"method": method, "backbone_lr": lr, "seed": seed, "split": split}, "status": "ok",
+                "bbox_AP": {1e-3: 20.0, 3e-3: 30.0}[lr] + seed, "segm_AP": 1.0, "peak_rss_mb": 100.0,
+                "mean_iter_time_s": 1.0, "backbone_trainable_params": 5,
+                **({"also_evaluated": also} if split == "shapes_minival" else {})}
+
+    monkeypatch.setattr(tool, "train_and_evaluate", fake_run)
+    (summary,) = tool.study(["e3va"], [0, 1], [1e-3, 3e-3], 2, tmp_path, [], "cmd")
+    assert summary["chosen_backbone_lr"] == 3e-3
+    # Seed 0 at 3e-3 is the sweep's run (its test AP, 40), only seed 1 trains again.
+    assert [c for c in calls if c[0] == "shapes_val"] == [("shapes_val", 3e-3, 1)]
+    assert summary["bbox_AP_per_seed"] == [40.0, 31.0]
+
+
 def test_given_rates_skip_the_sweep_and_only_finished_trains_nothing(tmp_path, monkeypatch):
     tool = _tool()
     monkeypatch.setattr(tool.subprocess, "run", lambda *a, **k: pytest.fail("--only-finished must not train"))
@@ -91,6 +112,7 @@ def test_the_run_overrides_select_the_split_the_seed_and_the_backbone_rate(tmp_p
     assert any(c.startswith("optimizer.params.lr_factor_func.factor=0.3") for c in cmd)
     assert "dataloader.test.dataset.names=shapes_minival" in cmd
     assert "dataloader.evaluator.dataset_name=shapes_minival" in cmd
+    assert cmd[cmd.index("--also-evaluate") + 1] == "shapes_val"
 
 
 @pytest.mark.parametrize(

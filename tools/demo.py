@@ -10,6 +10,7 @@ draws predictions beside the ground truth with Detectron2's Visualizer, and prin
     python tools/demo.py --max-iter 200 KEY=VALUE ...   # any LazyConfig override
 """
 import argparse
+import copy
 import json
 import logging
 import time
@@ -39,6 +40,9 @@ def parse_args() -> argparse.Namespace:
                              "already holds checkpoints is refused (add train.allow_overwrite=True to overwrite)")
     parser.add_argument("--num-images", type=int, default=6, help="validation images to draw")
     parser.add_argument("--score-thresh", type=float, default=0.5)
+    parser.add_argument("--also-evaluate", action="append", default=[], metavar="SPLIT",
+                        help="after training, also evaluate the final model on this registered split (repeatable); "
+                        "its AP goes to demo_summary.json under 'also_evaluated'")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="LazyConfig overrides, KEY=VALUE")
     return parser.parse_args()
 
@@ -58,6 +62,15 @@ def draw_validation_images(model: torch.nn.Module, dataset: str, out_dir: Path, 
         truth = draw_ground_truth(rgb, record, metadata)
         paths.append(save_side_by_side(out_dir / f"{Path(record['file_name']).stem}.png", drawn, truth))
     return paths
+
+
+def evaluate_on(cfg, model: torch.nn.Module, split: str) -> dict:
+    """Box and mask AP of ``model`` on another registered split, with the config's evaluator."""
+    cfg = copy.deepcopy(cfg)
+    cfg.dataloader.test.dataset.names = split
+    cfg.dataloader.evaluator.dataset_name = split
+    results = do_test(cfg, model)
+    return {"bbox_AP": results.get("bbox", {}).get("AP"), "segm_AP": results.get("segm", {}).get("AP")}
 
 
 def main() -> None:
@@ -86,6 +99,8 @@ def main() -> None:
     test_set = cfg.dataloader.test.dataset.names
     images = draw_validation_images(result.model, test_set, vis_dir, args.num_images, args.score_thresh)
 
+    also = {split: evaluate_on(cfg, result.model, split) for split in args.also_evaluate}
+
     summary = {
         "tuning": args.tuning,
         "iterations": cfg.train.max_iter,
@@ -95,6 +110,8 @@ def main() -> None:
         **(result.summary or {}),
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
+    if also:
+        summary["also_evaluated"] = also
     (output_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print("\n==== E3VA demo: done ====")
     print(f"tuning method     : {args.tuning}")

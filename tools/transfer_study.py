@@ -9,7 +9,8 @@ Every run trains ``configs/Shapes/mask_rcnn_e3va.py`` from the project's pretrai
    ``shapes_minival``, never on the reported split; the best box AP there (mask AP breaks ties) is chosen.
    The heads keep the config's learning rate; only the tuned backbone's trainable parameters (side network
    or trunk) train at the swept rate (``e3va.engine.lr.BackboneLRFactor``);
-2. one run per seed at the chosen rate, evaluated on ``shapes_val``.
+2. one run per seed at the chosen rate, evaluated on ``shapes_val``. A sweep run also evaluates its final
+   model on ``shapes_val`` (unread by the choice), so the first seed at the chosen rate reuses that training.
 
 Writes ``DIR/transfer.json`` (every run and the per-method summary), ``DIR/transfer.md`` (mean ± std
 over seeds, per-seed values, chosen rate, peak RSS, s/iter) and ``DIR/transfer.png`` (AP against peak
@@ -78,10 +79,13 @@ def train_and_evaluate(
     # The study owns its run directories: one without a finished record is a killed or failed run, retrained.
     overrides = [f"train.seed={seed}", f"optimizer.params.lr_factor_func.factor={lr / HEAD_LR!r}",
                  "train.allow_overwrite=True"]
+    also = []
     if split != TEST_SPLIT:
         overrides += [f"dataloader.test.dataset.names={split}", f"dataloader.evaluator.dataset_name={split}"]
+        # Read only for the run the sweep then picks (see reused_sweep_run): it saves that seed's retraining.
+        also = ["--also-evaluate", TEST_SPLIT]
     cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--tuning", method, *iters, "--output-dir", str(where),
-           "--num-images", "0", *overrides, *opts]
+           "--num-images", "0", *also, *overrides, *opts]
     where.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     with open(where / "train.log", "w") as log:
@@ -92,6 +96,17 @@ def train_and_evaluate(
               **json.loads(summary_file.read_text())}
     write_json(record, record_file)
     return record
+
+
+def reused_sweep_run(sweep: List[Dict], lr: float, seed: int) -> Optional[Dict]:
+    """The test-split record of the sweep's own run at ``lr`` and ``seed``, when that run also evaluated the
+    test split: the same training as a test run would repeat. The choice of ``lr`` never saw these values."""
+    for record in sweep:
+        params = record["params"]
+        also = record.get("also_evaluated", {}).get(TEST_SPLIT)
+        if record["status"] == "ok" and also and params["backbone_lr"] == lr and params["seed"] == seed:
+            return {**record, **also, "params": {**params, "split": TEST_SPLIT}, "reused_from": VALIDATION_SPLIT}
+    return None
 
 
 def choose_lr(sweep: List[Dict]) -> Optional[float]:
@@ -213,8 +228,10 @@ def study(methods: Sequence[str], seeds: Sequence[int], sweep_lrs: Sequence[floa
             lr, source = choose_lr(sweep), "chosen on shapes_minival"
         else:
             lr, source = (sweep_lrs[0], "given") if sweep_lrs else (HEAD_LR, "the heads' rate")
-        runs = [] if lr is None else [train_and_evaluate(out, method, lr, s, TEST_SPLIT, max_iter, opts, only_finished)
-                                      for s in seeds]
+        runs = [] if lr is None else [
+            reused_sweep_run(sweep, lr, s) or train_and_evaluate(out, method, lr, s, TEST_SPLIT, max_iter, opts,
+                                                                 only_finished)
+            for s in seeds]
         summary = summarise(method, lr, sweep, runs, source)
         summaries.append(summary)
         runs_all += sweep + runs
