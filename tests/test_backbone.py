@@ -6,7 +6,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
 from e3va import E3VASwin, SWIN_PRESETS, TUNING_METHODS, add_e3va_config
-from e3va.adapters import CompactInput, DualLowRankLinear
+from e3va.methods import DualLowRankLinear
+from e3va.side_memory import CompactInput
 from e3va.benchmark import bytes_saved_for_backward
 from helpers import perturb
 
@@ -204,7 +205,7 @@ def test_compiled_trunk_gives_the_eager_outputs_and_gradients(tuning):
     about a minute on 2 CPU cores; tools/trunk_precision_drift.py --compile measures inductor itself."""
     torch.manual_seed(0)
     eager = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0).eval()
-    perturb(eager.highway or eager.losa, scale=0.02)
+    perturb(eager.side_network, scale=0.02)
     compiled = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0, compile_trunk="eager").eval()
     compiled.load_state_dict(eager.state_dict())  # in-place compilation keeps the parameter names
     assert compiled.compile_backend == "eager" and eager.compile_backend is None
@@ -263,7 +264,7 @@ def test_fused_side_networks_match_the_plain_graph(tuning, min_grads, saved_inpu
     # Training mode: the fused functions run only there (eval mode takes plain ops, for export).
     plain = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0, fused_adapters=False).train()
     fused = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0, saved_input_dtype=saved_input_dtype).train()
-    side = plain.highway if plain.highway is not None else plain.losa
+    side = plain.side_network
     with torch.no_grad():  # non-zero last projections, so every gradient path is exercised
         for p in side.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -354,7 +355,7 @@ def test_bfloat16_trunk_computes_in_bfloat16_and_the_side_network_in_float32(tun
     """Hooks on the trunk's sub-layers see bf16 outputs; hooks on every side-network layer see fp32 in and out
     (a trunk that ignored trunk_dtype, or a side network left under autocast, fails here)."""
     model = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0, trunk_dtype="bfloat16").train()
-    side = model.highway if model.highway is not None else model.losa
+    side = model.side_network
     trunk_dtypes, side_dtypes = set(), set()
     for block in (b for stage in model.trunk.layers for b in stage.blocks):
         for sub in (block.attn, block.mlp):

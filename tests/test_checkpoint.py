@@ -4,7 +4,7 @@ import torch
 from detectron2.config import instantiate
 
 from e3va import E3VACheckpointer, build_swin_trunk
-from e3va.checkpoint import is_swin_classification_state_dict
+from e3va.swin_weights import is_swin_classification_state_dict
 from e3va.trainable import TrainableCheckpointError, full_checkpoint
 from helpers import load_config, make_tiny, tiny_detector
 
@@ -63,7 +63,7 @@ def test_timm_layout_files_and_model_names_load_into_the_trunk(tmp_path, monkeyp
     import timm
     from test_pretrained import random_timm_swin
 
-    from e3va.pretrained import timm_to_official
+    from e3va.swin_weights import timm_to_official
 
     source = random_timm_swin()
     expected = {k: v for k, v in timm_to_official(source.state_dict()).items() if not k.startswith(("head.", "norm."))}

@@ -106,7 +106,7 @@ def test_one_training_iteration_updates_only_trainable_parameters(relpath, tunin
         if name in frozen_before:
             assert p.grad is None, name
             assert torch.equal(p, frozen_before[name]), name
-    side = backbone.highway if tuning == "e3va" else backbone.losa
+    side = backbone.side_network
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in side.parameters())
 
     model.eval()

@@ -15,7 +15,8 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 
 from e3va import E3VACheckpointer, E3VASwin
-from e3va.adapters import RecomputedFromCompactInput, _LowRankAdapterFunction
+from e3va.methods.e3va import _LowRankAdapterFunction
+from e3va.side_memory import RecomputedFromCompactInput
 from helpers import REPO, load_config, load_tool, perturb
 from test_vit import tiny_vit
 
@@ -128,7 +129,7 @@ def _count_fused_calls(monkeypatch) -> Dict[str, int]:
 def _backbone(trunk: str, tuning: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = E3VASwin("nano", tuning=tuning, drop_path_rate=0.0) if trunk == "swin" else tiny_vit(tuning)
-    perturb(model.highway if model.highway is not None else model.losa, scale=0.02)
+    perturb(model.side_network, scale=0.02)
     return model
 
 

@@ -6,7 +6,7 @@ import torch
 from detectron2.config import instantiate
 
 from e3va import NANO_SWIN_WEIGHTS, E3VACheckpointer
-from e3va.checkpoint import is_swin_classification_state_dict
+from e3va.swin_weights import is_swin_classification_state_dict
 from helpers import REPO, load_config
 
 

@@ -12,7 +12,7 @@ from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
 from torch import nn
 
-from e3va.pretrained import (
+from e3va.swin_weights import (
     adapt_to_trunk,
     check_fits,
     detect_swin_format,

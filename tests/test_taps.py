@@ -15,7 +15,7 @@ ODD = (1, 3, 61, 45)  # pads to the patch size, and to the window at every stage
 def _swin(**kwargs) -> E3VASwin:
     torch.manual_seed(0)
     model = E3VASwin("nano", drop_path_rate=0.0, **kwargs)
-    perturb(model.highway if model.highway is not None else model.losa, seed=1)
+    perturb(model.side_network, seed=1)
     return model
 
 
@@ -144,9 +144,11 @@ def test_stacked_and_parallel_differ_once_perturbed():
         (dict(adapter_input="attention"), "sublayer_output"),
         (dict(adapter_arrangement="serial"), "stacked"),
         (dict(highway_downsample="merge"), "direct"),
-        (dict(tuning="fixed", adapter_input="sublayer_input"), "no highway"),
-        (dict(tuning="losa", adapter_input="sublayer_input"), "highway's options"),
+        (dict(tuning="fixed", adapter_input="sublayer_input"), "'fixed' takes none of"),
+        (dict(tuning="losa", adapter_input="sublayer_input"), "'losa' takes `rank` and `activation` only"),
         (dict(tuning="full", highway_downsample="direct"), "no side network"),
+        (dict(highway_merging="learned"), "trainable"),
+        (dict(tuning="fixed", highway_merging="trainable"), "no side network"),
     ],
 )
 def test_bad_option_values_name_the_accepted_ones(kwargs, needle):
@@ -154,9 +156,38 @@ def test_bad_option_values_name_the_accepted_ones(kwargs, needle):
         E3VASwin("nano", **kwargs)
 
 
-def test_vit_refuses_highway_downsample():
+@pytest.mark.parametrize("option", [dict(highway_downsample="direct"), dict(highway_merging="trainable")])
+def test_vit_refuses_the_stage_crossing_options(option):
     with pytest.raises(ValueError, match="no patch merging"):
-        E3VAViT("nano", img_size=64, window_size=2, highway_downsample="direct")
+        E3VAViT("nano", img_size=64, window_size=2, **option)
+
+
+@pytest.mark.parametrize("downsample", ["difference", "direct"])
+def test_a_trainable_highway_merging_starts_as_the_trunks_and_trains(downsample):
+    frozen, trainable = _swin(highway_downsample=downsample), _swin(highway_downsample=downsample,
+                                                                  highway_merging="trainable")
+    trainable.load_state_dict(frozen.state_dict(), strict=False)
+    x = torch.randn(ODD)
+    torch.testing.assert_close(trainable(x), frozen(x), rtol=0, atol=0)
+    # One change of the reduction and of the norm's affine per stage end (nano: C = 32, 64, 128).
+    merging = {n for n, p in trainable.named_parameters() if p.requires_grad} - {
+        n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert sum(dict(trainable.named_parameters())[n].numel() for n in merging) == sum(
+        8 * c * c + 8 * c for c in (32, 64, 128))
+    sum(v.square().sum() for v in trainable(x).values()).backward()
+    assert all(trainable.side_merging[i].reduction.grad.abs().sum() > 0 for i in range(3))
+    perturb(trainable.side_merging, seed=3)
+    assert not torch.allclose(trainable(x)["p3"], frozen(x)["p3"], atol=1e-4)
+    # Recorded: a file trained with it is refused by the frozen-merging model, naming the override.
+    with pytest.raises(TrainableCheckpointError, match="highway_merging=trainable"):
+        apply_trainable(_swin(highway_downsample=downsample), trainable_checkpoint(trainable))
+
+
+def test_frozen_output_norms_leave_the_side_network_alone_to_train():
+    trained = {n for n, p in _swin(train_out_norms=False).named_parameters() if p.requires_grad}
+    default = {n for n, p in _swin().named_parameters() if p.requires_grad}
+    assert default - trained == {f"trunk.norm{i}.{w}" for i in range(4) for w in ("weight", "bias")}
+    assert trained and all(n.startswith("highway.") for n in trained)
 
 
 def test_files_record_their_taps_and_refuse_another_model():

@@ -37,7 +37,7 @@ def test_each_method_trains_what_it_says(method, expected):
     assert all(expected(n) for n in names), sorted(n for n in names if not expected(n))[:5]
     everything = {n for n, _ in model.trunk.named_parameters()} - OUT_NORMS
     assert names == {n for n in everything if expected(n)}
-    assert model.highway is None and model.trunk_needs_autograd
+    assert model.side_network is None and model.trunk_needs_autograd
 
 
 @pytest.mark.parametrize("method", ["fixed", "e3va", "e3va_plus", "e3va_plusplus", "e3va_fa", "losa"])
@@ -49,7 +49,7 @@ def test_methods_that_train_nothing_in_the_trunk_run_it_without_autograd(method)
 def test_lora_rank_is_configurable():
     model = E3VASwin("nano", tuning="lora", rank=4)
     assert model.trunk.layers[0].blocks[0].attn.qkv.lora_A.default.weight.shape == (4, 32)
-    with pytest.raises(ValueError, match="bottleneck_ratio.*takes `rank` only"):
+    with pytest.raises(ValueError, match="'lora' takes `rank` only.*bottleneck_ratio"):
         E3VASwin("nano", tuning="lora", bottleneck_ratio=0.3)
 
 

@@ -16,7 +16,7 @@ from e3va import (
     find_tuned_backbone,
 )
 from e3va.benchmark import bytes_saved_for_backward
-from e3va.losa import mix_in_windows
+from e3va.methods.losa import mix_in_windows
 from helpers import load_config, make_tiny, perturb
 from test_backbone import _trunk_outputs_during_training_step
 

@@ -20,7 +20,7 @@ import sys
 from typing import List, Optional
 
 from e3va.atomic import atomic_torch_save, refuse_overwriting_inputs
-from e3va.pretrained import (
+from e3va.swin_weights import (
     adapt_to_trunk,
     infer_swin_architecture,
     load_swin_pretrained,

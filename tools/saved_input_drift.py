@@ -23,7 +23,7 @@ from typing import Dict, Sequence
 import torch
 
 from e3va import E3VASwin
-from e3va.adapters import SAVED_INPUT_DTYPES
+from e3va.side_memory import SAVED_INPUT_DTYPES
 from e3va.benchmark import bytes_saved_for_backward, write_json
 from e3va.swin import SWIN_PRESETS
 
@@ -44,7 +44,7 @@ def measure(size: str, input_size: int, tuning: str, dtypes: Sequence[str], batc
     """Per dtype: ``saved_mb`` and the gradient drift from float32 storage (see the module docstring)."""
     torch.manual_seed(seed)
     reference = E3VASwin(size, tuning=tuning, drop_path_rate=0.0, saved_input_dtype="float32").train()
-    side = reference.highway if reference.highway is not None else reference.losa
+    side = reference.side_network
     if side is None:
         raise ValueError(f"tuning={tuning!r} has no side network; use e3va, e3va_plus, e3va_plusplus or losa.")
     gen = torch.Generator().manual_seed(seed)

@@ -31,7 +31,7 @@ import torch
 
 from e3va import E3VASwin, TUNING_METHODS
 from e3va.benchmark import write_json
-from e3va.checkpoint import align_with_wrapped_layers
+from e3va.checkpoint_io import align_with_wrapped_layers
 from e3va.swin import SWIN_PRESETS
 
 REFERENCE = "fixed"

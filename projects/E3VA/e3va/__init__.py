@@ -5,24 +5,30 @@ semantic-segmentation head, and the synthetic ``shapes_*`` datasets (generated l
 """
 from pathlib import Path
 
-from .adapters import DualLowRankLinear, HighwayAdapter
-from .backbone import (
-    HIGHWAY_DOWNSAMPLES,
+from .methods import (
+    ADAPTER_INPUTS,
+    TUNING_METHODS,
     AdapterHighway,
-    E3VASwin,
-    SideTunedBackbone,
-    backbone_config_key,
-    find_tuned_backbone,
+    AdapterSpec,
+    DualLowRankLinear,
+    HighwayAdapter,
+    LoSASideNetwork,
+    LoSASpec,
+    LowRankMixer,
+    TuningMethod,
+    TuningOptions,
+    get_tuning_method,
+    register_tuning_method,
 )
-from .losa import LoSASideNetwork, LowRankMixer
+from .backbone import HIGHWAY_DOWNSAMPLES, SideTunedBackbone, backbone_config_key, find_tuned_backbone
+from .swin import SWIN_PRESETS, SWIN_PRETRAINED_URLS, E3VASwin, build_swin_trunk
+from .vit import VIT_PRESETS, VIT_PRETRAINED_CHECKPOINTS, E3VAViT, build_vit_trunk
 from . import modeling  # registers UperNetHead in Detectron2's SEM_SEG_HEADS_REGISTRY
-from .checkpoint import CheckpointReadError, E3VACheckpointer, read_checkpoint_file
+from .checkpoint import E3VACheckpointer
+from .checkpoint_io import CheckpointReadError, read_checkpoint_file
 from .data.shapes import register_shapes_datasets
 from .config import add_e3va_config, build_e3va_swin_backbone, build_e3va_swin_fpn_backbone
-from .swin import SWIN_PRESETS, SWIN_PRETRAINED_URLS, build_swin_trunk
 from .trainable import TrainableCheckpointError, load_trainable, save_trainable
-from .tuning import ADAPTER_INPUTS, TUNING_METHODS, AdapterSpec, LoSASpec, TuningMethod, get_tuning_method
-from .vit import VIT_PRESETS, VIT_PRETRAINED_CHECKPOINTS, E3VAViT, build_vit_trunk
 
 register_shapes_datasets()  # cheap: the images are generated on first use
 
@@ -50,6 +56,7 @@ __all__ = [
     "TUNING_METHODS",
     "TrainableCheckpointError",
     "TuningMethod",
+    "TuningOptions",
     "VIT_PRESETS",
     "VIT_PRETRAINED_CHECKPOINTS",
     "add_e3va_config",
@@ -62,5 +69,6 @@ __all__ = [
     "get_tuning_method",
     "load_trainable",
     "read_checkpoint_file",
+    "register_tuning_method",
     "save_trainable",
 ]

@@ -1,26 +1,39 @@
-"""Reading checkpoints safely, and loading pretrained Swin weights and trainable-only files into a detector.
+"""``E3VACheckpointer``: Detectron2's checkpointer for E3VA models.
 
 Detectron2's ``DetectionCheckpointer`` expects parameter names of the whole detector. Official Swin
 releases (``{"model": state_dict}``, the Microsoft format) name the trunk's parameters only, so we
-place them under the trunk's prefix and drop what a detector has no use for.
-
-Every ``.pth`` file is read with ``torch.load(weights_only=True)``: a checkpoint is data, and a file that
-needs arbitrary unpickling could run code. Such a file is refused unless the caller opts in
-(``allow_unsafe_pickle=True`` or the environment variable ``E3VA_ALLOW_UNSAFE_PICKLE=1``).
+place them under the trunk's prefix and drop what a detector has no use for (``e3va.swin_weights``).
+Trainable-only task files (``e3va.trainable``) load on top of the base weights. Every file is read
+safely (``e3va.checkpoint_io``).
 """
 from __future__ import annotations
 
 import logging
 import os
-import pickle
-import zipfile
 from typing import Any, Dict, Optional, Tuple
 
+import timm
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
 from .atomic import atomic_torch_save, atomic_write_text
+from .backbone import find_tuned_backbone
+from .checkpoint_io import (
+    ALLOW_UNSAFE_PICKLE_ENV,
+    CheckpointReadError,
+    align_with_wrapped_layers,
+    read_checkpoint_file,
+    unsafe_pickle_allowed,
+)
+from .swin import E3VASwin
+from .swin_weights import (
+    adapt_to_trunk,
+    detect_swin_format,
+    is_swin_classification_state_dict,
+    load_swin_pretrained,
+    timm_to_official,
+)
 from .trainable import (
     SIDE_NETWORK_KEY,
     TRAINABLE_META_KEY,
@@ -33,87 +46,20 @@ from .trainable import (
     trainable_checkpoint,
 )
 
+# Reading files safely lives in checkpoint_io; these names stay importable from here.
 __all__ = [
     "ALLOW_UNSAFE_PICKLE_ENV",
     "CheckpointReadError",
     "E3VACheckpointer",
     "align_with_wrapped_layers",
-    "is_swin_classification_state_dict",
     "read_checkpoint_file",
 ]
-
-ALLOW_UNSAFE_PICKLE_ENV = "E3VA_ALLOW_UNSAFE_PICKLE"
-
-
-class CheckpointReadError(RuntimeError):
-    """A checkpoint file could not be read: corrupted, truncated, or needing unsafe unpickling."""
-
-
-def _unsafe_pickle_allowed(allow: Optional[bool]) -> bool:
-    return allow if allow is not None else os.environ.get(ALLOW_UNSAFE_PICKLE_ENV, "") == "1"
-
-
-def read_checkpoint_file(path: str, *, allow_unsafe_pickle: Optional[bool] = None) -> Dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` on the CPU, with errors that say what to do.
-
-    A file that holds more than tensors and plain containers is refused, with the opt-in spelled out;
-    a truncated or corrupted file raises :class:`CheckpointReadError` (nothing is loaded anywhere).
-    ``allow_unsafe_pickle=None`` reads the ``E3VA_ALLOW_UNSAFE_PICKLE`` environment variable.
-    """
-    unsafe = _unsafe_pickle_allowed(allow_unsafe_pickle)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe)
-    except pickle.UnpicklingError as e:
-        if not unsafe and not zipfile.is_zipfile(path):
-            # torch.save writes zip archives; anything else is damaged, or a plain pickle.
-            raise CheckpointReadError(
-                f"{path} is not a PyTorch checkpoint archive: it is truncated or corrupted, or a plain pickle. "
-                f"Nothing was loaded. If it is a pickle you trust, opt in with {ALLOW_UNSAFE_PICKLE_ENV}=1."
-            ) from e
-        if not unsafe and "weights only" in str(e).lower():
-            raise CheckpointReadError(
-                f"{path} holds Python objects beyond tensors, which only arbitrary unpickling can read, "
-                "and that can run code. If you trust the file, opt in with "
-                f"{ALLOW_UNSAFE_PICKLE_ENV}=1 (or E3VACheckpointer(..., allow_unsafe_pickle=True)). "
-                f"torch said: {str(e).splitlines()[0]}"
-            ) from e
-        raise CheckpointReadError(f"{path} is not a readable checkpoint (corrupted?): {e}") from e
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
-        size = os.path.getsize(path) if os.path.exists(path) else 0
-        raise CheckpointReadError(
-            f"{path} ({size:,d} bytes) could not be read as a PyTorch checkpoint: it is truncated or corrupted "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Nothing was loaded."
-        ) from e
 
 logger = logging.getLogger("e3va")
 
 
-def is_swin_classification_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
-    """True for a Swin classification state dict, official or timm layout (trunk names at the top level)."""
-    return "patch_embed.proj.weight" in state_dict and any(k.startswith("layers.0.blocks.0.") for k in state_dict)
-
-
-def align_with_wrapped_layers(state_dict: Dict[str, torch.Tensor], model_keys) -> Dict[str, torch.Tensor]:
-    """Renames ``a.b.weight`` to ``a.b.base_layer.weight`` where the model wraps layer ``a.b`` (PEFT's
-    LoRA does), so one checkpoint loads into every tuning method. Checkpoint names may also be suffixes
-    of the model's (e.g. MAE's ``blocks.0.attn.qkv.weight``, matched by Detectron2's heuristics)."""
-    model_keys = set(model_keys)
-    wrapped_model_keys = [k for k in model_keys if ".base_layer." in k]
-    aligned = {}
-    for key, value in state_dict.items():
-        module, _, leaf = key.rpartition(".")
-        wrapped = f"{module}.base_layer.{leaf}"
-        is_wrapped = key not in model_keys and any(
-            k == wrapped or k.endswith("." + wrapped) for k in wrapped_model_keys
-        )
-        aligned[wrapped if is_wrapped else key] = value
-    return aligned
-
-
 def _find_swin_trunk(model: nn.Module) -> Tuple[str, nn.Module]:
     """``(prefix, trunk)`` of the model's E3VA Swin backbone, e.g. ``("backbone.bottom_up.trunk.", ...)``."""
-    from .backbone import E3VASwin, find_tuned_backbone  # local: backbone imports Detectron2's modeling
-
     try:
         name, backbone = find_tuned_backbone(model)
     except ValueError:
@@ -130,8 +76,6 @@ def _find_swin_trunk(model: nn.Module) -> Tuple[str, nn.Module]:
 def _is_timm_model_name(path: str) -> bool:
     if not path or os.path.exists(path) or "://" in path or path.endswith((".pth", ".pt", ".pkl", ".pyth")):
         return False
-    import timm
-
     return timm.is_model(path)
 
 
@@ -189,7 +133,7 @@ class E3VACheckpointer(DetectionCheckpointer):
 
     # ---- reading
     def _load_file(self, filename: str) -> dict:
-        if filename.endswith(".pkl") and not _unsafe_pickle_allowed(self.allow_unsafe_pickle):
+        if filename.endswith(".pkl") and not unsafe_pickle_allowed(self.allow_unsafe_pickle):
             raise CheckpointReadError(
                 f"{filename}: .pkl checkpoints (Detectron2 / Caffe2 model zoo) are read with pickle, which can "
                 f"run code. If you trust the file, opt in with {ALLOW_UNSAFE_PICKLE_ENV}=1 "
@@ -204,8 +148,6 @@ class E3VACheckpointer(DetectionCheckpointer):
     def _swin_classification_to_model(self, state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:
         """Official or timm Swin weights, checked against the trunk's size, adapted to its window
         and renamed under its prefix; everything not copied as is gets logged by name."""
-        from .pretrained import adapt_to_trunk, detect_swin_format, timm_to_official  # pretrained imports us
-
         layout = detect_swin_format(state_dict)
         if layout == "timm":
             state_dict = timm_to_official(state_dict)
@@ -221,8 +163,6 @@ class E3VACheckpointer(DetectionCheckpointer):
         ``swin_base_patch4_window7_224.ms_in22k`` (timm fetches the weights)."""
         if not _is_timm_model_name(path):
             return super().load(path, *args, **kwargs)
-        from .pretrained import load_swin_pretrained
-
         self.logger.info(f"[E3VACheckpointer] Loading timm model {path} ...")
         incompatible = self._load_model({"model": self._swin_classification_to_model(load_swin_pretrained(path), path)})
         if incompatible is not None:

@@ -1,13 +1,27 @@
-"""Swin Transformer trunks: the architecture presets and the official pretrained weights.
+"""Swin Transformer trunks with a tuning method beside them: ``E3VASwin``, its presets and weights' sources.
 
-The trunk itself is Detectron2's ``SwinTransformer`` (the detection port of the official code), used
-unmodified, so that official checkpoints keep their parameter names.
+The trunk is Detectron2's ``SwinTransformer`` (the detection port of the official code), used unmodified,
+so that official checkpoints keep their parameter names. ``E3VASwin`` outputs ``p0..p3`` (strides 4..32)
+for Detectron2's ``FPN``. A side network (E3VA's highway, LoSA) runs stage by stage beside the trunk and,
+at each stage end, crosses the trunk's own frozen patch merging ``PM``:
+``d_next = PM(x_end + d_end) - PM(x_end)`` (``highway_downsample="difference"``) or ``PM(d_end)``
+(``"direct"``), where ``PM`` may also be a trainable version (``highway_merging="trainable"``); the stage
+output is ``norm(x_end + d_end)``. Official and timm weights are read by
+``e3va.swin_weights``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+import functools
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
+from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.swin import SwinTransformer
+from torch import nn
+
+from .backbone import SideTunedBackbone
+from .methods import TrunkLayout, TuningOptions
+from .methods.base import with_tuning_options
 
 __all__ = [
     "NANO_IMAGE_FORMAT",
@@ -15,9 +29,14 @@ __all__ = [
     "NANO_PIXEL_STD",
     "SWIN_PRESETS",
     "SWIN_PRETRAINED_URLS",
-    "swin_preset",
+    "E3VASwin",
+    "TrainableMerging",
     "build_swin_trunk",
+    "swin_output_shape",
+    "swin_preset",
 ]
+
+SWIN_FEATURES = ("p0", "p1", "p2", "p3")
 
 # Embed dims, depths and heads of Swin-T/S/B/L as in the Swin paper (Liu et al., 2021, Table 1).
 # "nano" is not a paper model: it is the small trunk the project pretrains itself for the CPU demo.
@@ -84,3 +103,148 @@ def build_swin_trunk(
         drop_path_rate=drop_path_rate,
         out_indices=tuple(out_indices),
     )
+
+def _check_out_features(out_features: Sequence[str]) -> Sequence[str]:
+    bad = [f for f in out_features if f not in SWIN_FEATURES]
+    if bad or not out_features:
+        raise ValueError(f"Bad out_features {list(out_features)!r}; choose among {list(SWIN_FEATURES)}.")
+    return out_features
+
+
+def swin_output_shape(size: str, out_features: Sequence[str] = SWIN_FEATURES) -> Dict[str, ShapeSpec]:
+    """The ``output_shape()`` of an ``E3VASwin`` of preset ``size``, without building it.
+
+    For LazyConfig heads whose ``input_shape`` must follow the backbone's size, e.g.
+    ``input_shape=L(swin_output_shape)(size="${...backbone.bottom_up.size}")``.
+    """
+    embed_dim = swin_preset(size)["embed_dim"]
+    _check_out_features(out_features)
+    return {
+        f: ShapeSpec(channels=embed_dim * 2**i, stride=2 ** (i + 2))
+        for i, f in enumerate(SWIN_FEATURES)
+        if f in out_features
+    }
+
+
+class TrainableMerging(nn.Module):
+    """A trainable patch merging for the side network (``highway_merging="trainable"``, the paper's ablation):
+    the trunk's own merging ``pm`` with trained changes of its weights, ``W + dW`` and the norm's affine
+    ``g + dg``, ``b + db``, all changes starting at zero, so that it starts as the inherited one whatever
+    weights the trunk loads. The trunk itself keeps its frozen merging."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.reduction = nn.Parameter(torch.zeros(2 * dim, 4 * dim))
+        self.norm_weight = nn.Parameter(torch.zeros(4 * dim))
+        self.norm_bias = nn.Parameter(torch.zeros(4 * dim))
+
+    def forward(self, pm: nn.Module, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        weights = {"reduction.weight": pm.reduction.weight + self.reduction,
+                   "norm.weight": pm.norm.weight + self.norm_weight, "norm.bias": pm.norm.bias + self.norm_bias}
+        return torch.func.functional_call(pm, weights, (x, H, W))
+
+
+@with_tuning_options
+class E3VASwin(SideTunedBackbone):
+    """Swin backbone for Detectron2 tuned with a method of ``e3va.methods`` (E3VA by default).
+
+    Outputs ``p0..p3`` (strides 4..32), to be fed to Detectron2's ``FPN``.
+
+    Args:
+        size: Swin preset, one of ``e3va.swin.SWIN_PRESETS`` (T, S, B, L, nano).
+        tuning: tuning method name, one of ``e3va.TUNING_METHODS``.
+        window_size: 7 or 12, as the pretrained checkpoint.
+        drop_path_rate: stochastic depth of the trunk.
+        out_features: which of ``p0..p3`` to return.
+        **options: the tuning options, ``e3va.methods.TuningOptions`` (rank, bottleneck_ratio, activation,
+            adapter_input, adapter_arrangement, highway_downsample, fused_adapters, saved_input_dtype,
+            trunk_dtype, compile_trunk). With a low-precision ``trunk_dtype`` the side network, the output
+            norms and the patch merging it crosses stay fp32.
+    """
+
+    def __init__(
+        self,
+        size: str = "T",
+        *,
+        tuning: str = "e3va",
+        window_size: int = 7,
+        drop_path_rate: float = 0.2,
+        out_features: Sequence[str] = SWIN_FEATURES,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        self._out_features = list(_check_out_features(out_features))
+
+        self.trunk = build_swin_trunk(size, window_size=window_size, drop_path_rate=drop_path_rate)
+        stage_dims = list(self.trunk.num_features)
+        layout = TrunkLayout(
+            self.trunk,
+            blocks_by_stage=[list(stage.blocks) for stage in self.trunk.layers],
+            stage_dims=stage_dims,
+            window_size=window_size,
+            grid_of=lambda block, output: (block.H, block.W),  # Swin blocks hold flat (B, H*W, C) tokens
+            stage_crossing=True,
+        )
+        self._attach_tuning(tuning, layout, TuningOptions.from_kwargs(type(self), options),
+                            out_norm_names=[f"norm{i}" for i in range(4)])
+        self.side_merging: Optional[nn.ModuleList] = None  # highway_merging="trainable": one per stage end
+        if self.highway_merging == "trainable":
+            self.side_merging = nn.ModuleList(TrainableMerging(stage.downsample.dim)
+                                              for stage in self.trunk.layers if stage.downsample is not None)
+        self._out_feature_channels = {f"p{i}": stage_dims[i] for i in range(4)}
+        self._out_feature_strides = {f"p{i}": 2 ** (i + 2) for i in range(4)}
+
+    def out_norm(self, stage: int) -> nn.Module:
+        """The norm between stage ``stage`` and the FPN (the trunk's ``norm{stage}``, untrained by ImageNet)."""
+        return getattr(self.trunk, f"norm{stage}")
+
+    @property
+    def size_divisibility(self) -> int:
+        return 32
+
+    def _side_merge(self, stage: int, merging: nn.Module, H: int, W: int) -> Tuple[Callable, List[nn.Parameter]]:
+        """The patch merging the side state crosses after ``stage`` (bound to the grid now: backward runs it
+        later), and its trainable parameters."""
+        if self.side_merging is None:
+            return functools.partial(merging, H=H, W=W), []
+        trained = self.side_merging[stage]
+        return functools.partial(trained, merging, H=H, W=W), list(trained.parameters())
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        self._check_image(x)
+        trunk = self.trunk
+        trunk_pass = self._trunk_pass(x)
+        with trunk_pass():
+            tokens = trunk.patch_embed(x)
+            Wh, Ww = tokens.shape[2], tokens.shape[3]
+            tokens = trunk.pos_drop(tokens.flatten(2).transpose(1, 2))
+
+        wanted = {int(f[1:]) for f in self._out_features}
+        last = max(wanted)
+        outputs: Dict[str, torch.Tensor] = {}
+        carried: Optional[torch.Tensor] = None  # the side network's state entering the stage
+        for i, stage in enumerate(trunk.layers[: last + 1]):
+            with trunk_pass(), self._side_stage(carried):
+                x_out, H, W, tokens, Wh, Ww = stage(tokens, Wh, Ww)
+            y = x_out = x_out.float()
+            packed = None  # y, kept once for the patch merging's and the output norm's backward
+            if self._taps is not None:
+                side = self._taps.end()
+                y = x_out + side
+                packed = self._pack_adapted_output(y)
+                if stage.downsample is not None and i < last:
+                    # The trunk's patch merging (frozen), with autograd for the side network's share of its
+                    # input only; or the side network's trainable version of it.
+                    frozen = not any(p.requires_grad for p in stage.downsample.parameters())
+                    merge, params = self._side_merge(i, stage.downsample, H, W)
+                    if self.highway_downsample == "direct":
+                        keep = self._pack_adapted_output(side) if frozen else None
+                        carried = self._recomputed(merge, side, keep, params)
+                    else:
+                        carried = self._recomputed(merge, y, packed if frozen else None, params) - tokens
+            if i in wanted:
+                norm = self.out_norm(i)
+                out = self._recomputed(norm, y, packed, [p for p in norm.parameters() if p.requires_grad])
+                outputs[f"p{i}"] = out.view(-1, H, W, out.shape[-1]).permute(0, 3, 1, 2).contiguous()
+        return outputs

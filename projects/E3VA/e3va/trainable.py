@@ -17,11 +17,14 @@ import torch
 from torch import nn
 
 from .atomic import atomic_torch_save
+from .backbone import find_tuned_backbone
+from .checkpoint_io import read_checkpoint_file
 
 __all__ = [
     "SIDE_NETWORK_KEY",
     "TRAINABLE_FORMAT",
     "TRAINABLE_META_KEY",
+    "LEGACY_SIDE_NETWORK",
     "TrainableCheckpointError",
     "apply_trainable",
     "base_fingerprint",
@@ -46,6 +49,8 @@ TRAINABLE_META_KEY = "e3va_trainable"
 # The key under which a full checkpoint records its side-network choices (trainable-only files keep them
 # in their metadata): what its side network's tensors mean.
 SIDE_NETWORK_KEY = "e3va_side_network"
+# What a file trained before side-network choices were recorded was made with (a file without the record).
+LEGACY_SIDE_NETWORK = {"adapter_input": "sublayer_input", "highway_downsample": "difference"}
 
 
 class TrainableCheckpointError(ValueError):
@@ -95,8 +100,6 @@ def base_fingerprint(model: nn.Module) -> str:
 
 def tuning_method_of(model: nn.Module) -> Optional[str]:
     """The tuning method of the model's E3VA backbone, or None when it has none."""
-    from .backbone import find_tuned_backbone  # local: the backbone pulls in Detectron2's modeling
-
     try:
         return find_tuned_backbone(model)[1].method.name
     except ValueError:
@@ -106,8 +109,6 @@ def tuning_method_of(model: nn.Module) -> Optional[str]:
 def side_network_of(model: nn.Module) -> Dict[str, str]:
     """The side-network choices of the model's E3VA backbone (``SideTunedBackbone.side_network_record``),
     empty when it has none."""
-    from .backbone import find_tuned_backbone  # local: the backbone pulls in Detectron2's modeling
-
     try:
         return find_tuned_backbone(model)[1].side_network_record()
     except ValueError:
@@ -118,13 +119,15 @@ def check_side_network(model: nn.Module, recorded: Optional[Mapping[str, str]], 
     """Raises :class:`TrainableCheckpointError` when weights trained with other side-network choices
     (``recorded``; None for a file written before they were recorded, which used the legacy ones) are
     loaded into ``model``: the same tensors would silently mean another network. Names the override."""
-    from .backbone import LEGACY_SIDE_NETWORK  # local: see side_network_of
-
     wanted = side_network_of(model)
     saved = dict(LEGACY_SIDE_NETWORK if recorded is None else recorded)
-    if "adapter_input" in wanted:  # "parallel" is not recorded: it is all that older files knew
+    defaults = {"arrangement": "parallel", "highway_merging": "frozen"}  # not recorded: all older files knew
+    if "adapter_input" in wanted:
         wanted.setdefault("arrangement", "parallel")
-        saved.setdefault("arrangement", "parallel")
+    if "highway_downsample" in wanted:
+        wanted.setdefault("highway_merging", "frozen")
+    for key in wanted:
+        saved.setdefault(key, defaults.get(key))
     diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if not diff:
         return
@@ -262,8 +265,6 @@ def apply_trainable(model: nn.Module, checkpoint: Mapping[str, Any], source: str
 def load_trainable(model: nn.Module, path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """Loads a trainable-only checkpoint file on top of ``model``, which already holds the base weights
     (see :func:`apply_trainable`). Returns the file's other entries (metadata, iteration, ...)."""
-    from .checkpoint import read_checkpoint_file  # local: checkpoint imports this module
-
     checkpoint = read_checkpoint_file(str(path))
     apply_trainable(model, checkpoint, str(path))
     checkpoint.pop("model")

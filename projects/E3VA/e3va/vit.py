@@ -12,18 +12,20 @@ network runs along all its blocks and is added to the last one's output:
 * ``losa``: ``a_l = a_{l-1} + g_l(b_l + a_{l-1})``, tokens mixed within 14 x 14 windows (ViTDet's
   window), output ``b_L + a_L``.
 
-The baselines (``full``, ``fixed``, ``lora``, ...) are the same methods as on Swin (``e3va.tuning``).
+The baselines (``full``, ``fixed``, ``lora``, ...) are the same methods as on Swin (``e3va.methods``).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from detectron2.modeling.backbone.vit import ViT
 from torch import nn
 
 from .backbone import SideTunedBackbone
+from .methods import TrunkLayout, TuningOptions
+from .methods.base import with_tuning_options
 
 __all__ = ["VIT_PRESETS", "VIT_PRETRAINED_CHECKPOINTS", "E3VAViT", "build_vit_trunk", "vit_preset"]
 
@@ -98,15 +100,16 @@ def build_vit_trunk(
     )
 
 
+@with_tuning_options
 class E3VAViT(SideTunedBackbone):
-    """ViTDet's plain ViT for Detectron2, tuned with a method of ``e3va.tuning`` (E3VA by default).
+    """ViTDet's plain ViT for Detectron2, tuned with a method of ``e3va.methods`` (E3VA by default).
 
     A drop-in for ``SimpleFeaturePyramid``'s ``net``: one output, ``out_feature``, of stride
     ``patch_size`` and ``embed_dim`` channels.
 
     Args:
         size: ViT preset, one of ``VIT_PRESETS`` (B, L, H, nano).
-        tuning: tuning method name, one of ``e3va.tuning.TUNING_METHODS``.
+        tuning: tuning method name, one of ``e3va.TUNING_METHODS``.
         img_size: the input size the relative positions of the global blocks are made for (ViTDet: 1024).
         patch_size: 16, as the MAE checkpoints.
         window_size: attention window of the windowed blocks; also LoSA's token-mixing window.
@@ -114,9 +117,8 @@ class E3VAViT(SideTunedBackbone):
         use_rel_pos, residual_block_indexes: as Detectron2's ``ViT``.
         pretrain_img_size: the image size of the pretrained absolute positions (MAE: 224).
         out_feature: the name of the output.
-        rank, bottleneck_ratio, activation, adapter_input, adapter_arrangement, fused_adapters,
-            saved_input_dtype, trunk_dtype, compile_trunk: as ``E3VASwin`` (a plain ViT has no patch merging,
-            so ``highway_downsample`` does not apply and is refused).
+        **options: the tuning options, ``e3va.methods.TuningOptions``, as ``E3VASwin`` (a plain ViT has no
+            patch merging, so ``highway_downsample`` does not apply and is refused).
     """
 
     def __init__(
@@ -132,16 +134,7 @@ class E3VAViT(SideTunedBackbone):
         residual_block_indexes: Sequence[int] = (),
         pretrain_img_size: int = 224,
         out_feature: str = "last_feat",
-        rank: Optional[int] = None,
-        bottleneck_ratio: Optional[float] = None,
-        activation: Optional[str] = None,
-        adapter_input: Optional[str] = None,
-        adapter_arrangement: Optional[str] = None,
-        highway_downsample: Optional[str] = None,
-        fused_adapters: bool = True,
-        saved_input_dtype: str = "bfloat16",
-        trunk_dtype: str = "float32",
-        compile_trunk: Union[bool, str] = False,
+        **options: Any,
     ) -> None:
         super().__init__()
         self.trunk = build_vit_trunk(
@@ -159,23 +152,14 @@ class E3VAViT(SideTunedBackbone):
         self._out_features = list(self.trunk._out_features)
         self._out_feature_channels = dict(self.trunk._out_feature_channels)
         self._out_feature_strides = dict(self.trunk._out_feature_strides)
-        self._attach_tuning(
-            tuning=tuning,
+        layout = TrunkLayout(
+            self.trunk,
             blocks_by_stage=[list(self.trunk.blocks)],
             stage_dims=[self._out_feature_channels[out_feature]],
             window_size=window_size,
             grid_of=lambda block, output: (output.shape[1], output.shape[2]),  # ViT blocks map (B, H, W, C)
-            rank=rank,
-            bottleneck_ratio=bottleneck_ratio,
-            activation=activation,
-            adapter_input=adapter_input,
-            adapter_arrangement=adapter_arrangement,
-            highway_downsample=highway_downsample,
-            fused_adapters=fused_adapters,
-            saved_input_dtype=saved_input_dtype,
-            trunk_dtype=trunk_dtype,
-            compile_trunk=compile_trunk,
         )
+        self._attach_tuning(tuning, layout, TuningOptions.from_kwargs(type(self), options))
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._check_image(x)

@@ -10,14 +10,12 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence
 
 import torch
-from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import Backbone
 
-from ..swin import swin_preset
+from ..swin import swin_output_shape
 
 __all__ = ["IdentityNeck", "swin_output_shape"]
 
-_SWIN_FEATURES = ("p0", "p1", "p2", "p3")
 
 
 class IdentityNeck(Backbone):
@@ -53,20 +51,3 @@ class IdentityNeck(Backbone):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         features = self.bottom_up(x)
         return {f: features[f] for f in self.in_features}
-
-
-def swin_output_shape(size: str, out_features: Sequence[str] = _SWIN_FEATURES) -> Dict[str, ShapeSpec]:
-    """The ``output_shape()`` of an ``E3VASwin`` of preset ``size``, without building it.
-
-    For LazyConfig heads whose ``input_shape`` must follow the backbone's size, e.g.
-    ``input_shape=L(swin_output_shape)(size="${...backbone.bottom_up.size}")``.
-    """
-    embed_dim = swin_preset(size)["embed_dim"]
-    bad = [f for f in out_features if f not in _SWIN_FEATURES]
-    if bad or not out_features:
-        raise ValueError(f"Bad out_features {list(out_features)!r}; choose among {list(_SWIN_FEATURES)}.")
-    return {
-        f: ShapeSpec(channels=embed_dim * 2**i, stride=2 ** (i + 2))
-        for i, f in enumerate(_SWIN_FEATURES)
-        if f in out_features
-    }

@@ -1,4 +1,4 @@
-"""Baseline tuners that insert modules *inside* the trunk (the paper's comparison methods).
+"""The paper's comparison methods that insert modules *inside* the trunk: adapter, LoRA, AdaptFormer.
 
 They work on any trunk whose blocks have ``norm1``, ``attn.proj``, ``norm2`` and ``mlp.fc2`` (Detectron2's
 Swin and ViT blocks both do); each takes the trunk and its blocks in order.
@@ -10,11 +10,14 @@ load into any method.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-__all__ = ["BottleneckAdapter", "insert_sequential_adapters", "insert_parallel_mlp_adapters", "insert_lora"]
+from .base import TrunkLayout, TrunkPredicate, TuningMethod, TuningOptions, register_tuning_method
+
+__all__ = ["BottleneckAdapter", "insert_lora", "insert_parallel_mlp_adapters", "insert_sequential_adapters"]
 
 
 class BottleneckAdapter(nn.Module):
@@ -74,7 +77,30 @@ def _add_parallel_branch(mlp: nn.Module, args, out):
 def insert_lora(trunk: nn.Module, blocks: Sequence[nn.Module], rank: int = 16, alpha: int = 32) -> None:
     """LoRA on every attention ``qkv`` and output ``proj``, through PEFT (which finds them by name in
     ``trunk``: every block's ``attn.qkv`` and ``attn.proj``)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=r".*attn\.(qkv|proj)")
     inject_adapter_in_model(config, trunk)
+
+
+def _named(*fragments: str) -> TrunkPredicate:
+    return lambda name, last_block: any(f in name for f in fragments)
+
+
+def _inserting(insert: Callable[..., None], takes_rank: bool = False):
+    """An ``attach`` that inserts modules into the trunk's blocks (``rank`` passed on when given)."""
+
+    def attach(layout: TrunkLayout, options: TuningOptions) -> None:
+        kwargs = {"rank": options.rank} if takes_rank and options.rank is not None else {}
+        insert(layout.trunk, layout.blocks, **kwargs)
+
+    return attach
+
+
+for _name, _fragment, _insert, _takes_rank in (
+    ("adapter", ".adapter.", insert_sequential_adapters, False),
+    ("lora", "lora_", insert_lora, True),
+    ("adaptformer", ".adaptformer.", insert_parallel_mlp_adapters, False),
+):
+    register_tuning_method(TuningMethod(
+        _name, trunk_trainable=_named(_fragment), train_out_norms=True, attach=_inserting(_insert, _takes_rank),
+        options=("rank",) if _takes_rank else (),
+    ))

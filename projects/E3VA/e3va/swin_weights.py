@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
 from torch import nn
 
-from .checkpoint import align_with_wrapped_layers, read_checkpoint_file
+from .checkpoint_io import align_with_wrapped_layers, read_checkpoint_file
 from .swin import SWIN_PRESETS
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "check_fits",
     "detect_swin_format",
     "infer_swin_architecture",
+    "is_swin_classification_state_dict",
     "load_swin_pretrained",
     "resize_relative_position_bias",
     "swin_preset_name",
@@ -64,6 +65,11 @@ _BIAS_TABLE = "attn.relative_position_bias_table"
 # --------------------------------------------------------------------------------------------------
 # Format detection and timm -> official
 # --------------------------------------------------------------------------------------------------
+
+
+def is_swin_classification_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
+    """True for a Swin classification state dict, official or timm layout (trunk names at the top level)."""
+    return "patch_embed.proj.weight" in state_dict and any(k.startswith("layers.0.blocks.0.") for k in state_dict)
 
 
 def _describe_keys(state_dict: Mapping[str, Any], limit: int = 5) -> str:
@@ -270,21 +276,18 @@ def resize_relative_position_bias(table: torch.Tensor, new_window: int) -> torch
     """Bicubically resamples a ``((2w-1)**2, heads)`` bias table to ``((2w'-1)**2, heads)``.
 
     As the Swin authors do when fine-tuning at another window: the table is each head's bias over the
-    (2w-1) x (2w-1) grid of relative offsets, resampled as an image. The same window returns the table.
+    (2w-1) x (2w-1) grid of relative offsets, resampled as an image (``timm.layers``'
+    ``resize_rel_pos_bias_table_simple``). The same window returns the table.
     """
     if table.dim() != 2:
         raise ValueError(f"A relative-position-bias table is 2-D (offsets, heads); got shape {tuple(table.shape)}.")
     if new_window < 1:
         raise ValueError(f"new_window must be a positive window size, got {new_window!r}.")
-    old_side = 2 * _window_of_table(table.shape[0], "the table") - 1
-    new_side = 2 * new_window - 1
-    if new_side == old_side:
+    if _window_of_table(table.shape[0], "the table") == new_window:  # raises for a table of no square window
         return table
-    heads = table.shape[1]
-    grid = table.t().reshape(1, heads, old_side, old_side)
-    # In float32: bicubic is not implemented for every half dtype on CPU.
-    resized = F.interpolate(grid.float(), size=(new_side, new_side), mode="bicubic", align_corners=False)
-    return resized.reshape(heads, new_side * new_side).t().contiguous().to(table.dtype)
+    # timm's bicubic resampling, the Swin authors' own; in float32, as bicubic lacks some half dtypes on CPU.
+    new_shape = ((2 * new_window - 1) ** 2, table.shape[1])
+    return resize_rel_pos_bias_table_simple(table.float(), (new_window, new_window), new_shape).to(table.dtype)
 
 
 @dataclass

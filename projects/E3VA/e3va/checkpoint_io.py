@@ -1,0 +1,82 @@
+"""Reading checkpoint files safely, and matching their names to a model's.
+
+Every ``.pth`` file is read with ``torch.load(weights_only=True)``: a checkpoint is data, and a file that
+needs arbitrary unpickling could run code. Such a file is refused unless the caller opts in
+(``allow_unsafe_pickle=True`` or the environment variable ``E3VA_ALLOW_UNSAFE_PICKLE=1``).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from typing import Any, Dict, Optional
+
+import torch
+
+__all__ = [
+    "ALLOW_UNSAFE_PICKLE_ENV",
+    "CheckpointReadError",
+    "align_with_wrapped_layers",
+    "read_checkpoint_file",
+    "unsafe_pickle_allowed",
+]
+
+ALLOW_UNSAFE_PICKLE_ENV = "E3VA_ALLOW_UNSAFE_PICKLE"
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file could not be read: corrupted, truncated, or needing unsafe unpickling."""
+
+
+def unsafe_pickle_allowed(allow: Optional[bool]) -> bool:
+    return allow if allow is not None else os.environ.get(ALLOW_UNSAFE_PICKLE_ENV, "") == "1"
+
+
+def read_checkpoint_file(path: str, *, allow_unsafe_pickle: Optional[bool] = None) -> Dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` on the CPU, with errors that say what to do.
+
+    A file that holds more than tensors and plain containers is refused, with the opt-in spelled out;
+    a truncated or corrupted file raises :class:`CheckpointReadError` (nothing is loaded anywhere).
+    ``allow_unsafe_pickle=None`` reads the ``E3VA_ALLOW_UNSAFE_PICKLE`` environment variable.
+    """
+    unsafe = unsafe_pickle_allowed(allow_unsafe_pickle)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not unsafe)
+    except pickle.UnpicklingError as e:
+        if not unsafe and not zipfile.is_zipfile(path):
+            # torch.save writes zip archives; anything else is damaged, or a plain pickle.
+            raise CheckpointReadError(
+                f"{path} is not a PyTorch checkpoint archive: it is truncated or corrupted, or a plain pickle. "
+                f"Nothing was loaded. If it is a pickle you trust, opt in with {ALLOW_UNSAFE_PICKLE_ENV}=1."
+            ) from e
+        if not unsafe and "weights only" in str(e).lower():
+            raise CheckpointReadError(
+                f"{path} holds Python objects beyond tensors, which only arbitrary unpickling can read, "
+                "and that can run code. If you trust the file, opt in with "
+                f"{ALLOW_UNSAFE_PICKLE_ENV}=1 (or E3VACheckpointer(..., allow_unsafe_pickle=True)). "
+                f"torch said: {str(e).splitlines()[0]}"
+            ) from e
+        raise CheckpointReadError(f"{path} is not a readable checkpoint (corrupted?): {e}") from e
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise CheckpointReadError(
+            f"{path} ({size:,d} bytes) could not be read as a PyTorch checkpoint: it is truncated or corrupted "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Nothing was loaded."
+        ) from e
+
+
+def align_with_wrapped_layers(state_dict: Dict[str, torch.Tensor], model_keys) -> Dict[str, torch.Tensor]:
+    """Renames ``a.b.weight`` to ``a.b.base_layer.weight`` where the model wraps layer ``a.b`` (PEFT's
+    LoRA does), so one checkpoint loads into every tuning method. Checkpoint names may also be suffixes
+    of the model's (e.g. MAE's ``blocks.0.attn.qkv.weight``, matched by Detectron2's heuristics)."""
+    model_keys = set(model_keys)
+    wrapped_model_keys = [k for k in model_keys if ".base_layer." in k]
+    aligned = {}
+    for key, value in state_dict.items():
+        module, _, leaf = key.rpartition(".")
+        wrapped = f"{module}.base_layer.{leaf}"
+        is_wrapped = key not in model_keys and any(
+            k == wrapped or k.endswith("." + wrapped) for k in wrapped_model_keys
+        )
+        aligned[wrapped if is_wrapped else key] = value
+    return aligned
