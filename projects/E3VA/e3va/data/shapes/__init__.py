@@ -41,7 +41,8 @@ configs/Shapes/semseg_upernet_e3va.py).
 The package is split by step: :mod:`.render` draws an image from a random generator, :mod:`.generate`
 writes a split's files (once, under an inter-process lock, :func:`e3va.atomic.file_lock`), and
 :mod:`.register` puts the splits into Detectron2's catalogs. Import from ``e3va.data.shapes`` itself:
-LazyConfigs name ``e3va.data.shapes.build_shapes_evaluator``.
+LazyConfigs name ``e3va.data.shapes.build_shapes_evaluator``. The public names are the ``__all__`` below;
+the three modules have none of their own.
 """
 from .generate import (
     SHAPES_SEM_SEG_BACKGROUND,

@@ -14,15 +14,6 @@ from pycocotools import mask as mask_util
 from ...atomic import atomic_write_bytes, file_lock
 from .render import SHAPES_CLASSES, render_shapes_image
 
-__all__ = [
-    "SHAPES_SEM_SEG_BACKGROUND",
-    "SHAPES_SEM_SEG_CLASSES",
-    "SHAPES_SEM_SEG_IGNORE",
-    "SHAPES_SPLITS",
-    "generate_shapes_dataset",
-    "generate_shapes_sem_seg",
-    "semantic_label",
-]
 
 # "val" is the split results are reported on; "minival" (same distribution, its own seed stream) is for
 # choosing hyper-parameters, such as the transfer study's learning rates, without looking at "val".

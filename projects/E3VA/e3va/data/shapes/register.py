@@ -21,16 +21,6 @@ from .generate import (
 )
 from .render import SHAPES_CLASSES
 
-__all__ = [
-    "DEFAULT_SHAPES_NAMES",
-    "DEFAULT_SHAPES_SEM_SEG_NAMES",
-    "build_shapes_evaluator",
-    "default_shapes_root",
-    "ensure_shapes_dataset",
-    "ensure_shapes_sem_seg_dataset",
-    "register_shapes_datasets",
-    "register_shapes_sem_seg_datasets",
-]
 
 DEFAULT_SHAPES_NAMES: Tuple[str, str] = ("shapes_train", "shapes_val")
 DEFAULT_SHAPES_SEM_SEG_NAMES: Tuple[str, str] = ("shapes_sem_seg_train", "shapes_sem_seg_val")

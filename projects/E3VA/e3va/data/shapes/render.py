@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
-__all__ = ["SHAPES_CLASSES", "render_background", "render_shapes_image"]
 
 SHAPES_CLASSES: Tuple[str, ...] = ("circle", "square", "triangle", "star")
 
