@@ -15,6 +15,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.0",
+        "filelock",  # e3va.atomic.file_lock; torch depends on it too
         "torchvision",
         "timm>=1.0,<1.1",
         "numpy",

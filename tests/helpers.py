@@ -9,7 +9,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 
 from e3va import backbone_config_key
-from e3va.benchmark import synthetic_batch as _synthetic_batch
+from e3va.synthetic import synthetic_batch as _synthetic_batch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -67,5 +67,5 @@ def perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None
 
 def synthetic_batch(batch_size: int = 2, size: int = 64, num_classes: int = 3, seed: int = 0) -> List[Dict]:
     """Detectron2-style training inputs: random images with two box+mask instances each
-    (``e3va.benchmark.synthetic_batch``, which the benchmark tool also feeds its models)."""
+    (``e3va.synthetic.synthetic_batch``, which the benchmark tool also feeds its models)."""
     return _synthetic_batch(batch_size, size, num_classes, seed, num_instances=2)

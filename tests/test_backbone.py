@@ -6,9 +6,9 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
 from e3va import E3VASwin, SWIN_PRESETS, TUNING_METHODS, add_e3va_config
+from e3va.engine.memory import bytes_saved_for_backward
 from e3va.methods import DualLowRankLinear
 from e3va.side_memory import CompactInput
-from e3va.benchmark import bytes_saved_for_backward
 from helpers import perturb
 
 E3VA_PRESETS = ["e3va", "e3va_plus", "e3va_plusplus"]

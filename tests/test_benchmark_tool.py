@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import e3va.benchmark as benchmark_module
+import e3va.benchmark.runner as runner_module
 from e3va import TUNING_METHODS
 from e3va.benchmark import (
     RECORD_FIELDS,
@@ -21,9 +21,9 @@ from e3va.benchmark import (
     paired_time_ratios,
     plot_results,
     run_benchmark,
-    synthetic_batch,
     write_markdown,
 )
+from e3va.synthetic import synthetic_batch
 from helpers import REPO
 
 TOOL = REPO / "tools" / "benchmark_tuning.py"
@@ -168,7 +168,7 @@ def test_rounds_are_interleaved_rotated_and_merged_to_medians(tmp_path, monkeypa
         k = int(Path(work_dir).name.removeprefix("round"))
         return _round_record(method, k, cost[method] * speed[k], 800.0 + 10 * k + (method != "fixed") * 100)
 
-    monkeypatch.setattr(benchmark_module, "run_method_isolated", fake_run)
+    monkeypatch.setattr(runner_module, "run_method_isolated", fake_run)
     settings = BenchmarkSettings(CONFIG, input_size=64, batch_size=1, iters=2, warmup=0)
     seen = []
     records = run_benchmark(["fixed", "e3va", "lora"], settings, tmp_path, rounds=3, on_record=seen.append)

@@ -126,12 +126,22 @@ def _metrics(output_dir: Path) -> List[dict]:
 
 # ---- memory and parameters
 def test_cpu_memory_readings_are_positive():
-    reset_peak_memory("cpu")  # a no-op on the CPU, must not fail
+    reset_peak_memory("cpu")  # must not fail, whether or not this system can reset the peak
     readings = peak_memory_mb(torch.device("cpu"))
     assert set(readings) == {"peak_rss_mb", "rss_mb"}
     assert readings["peak_rss_mb"] > 0 and readings["rss_mb"] > 0
     # The high-water mark is never below what is resident now (KB rounding aside).
     assert peak_rss_mb() >= 0.99 * current_rss_mb()
+
+
+def test_cpu_peak_counts_from_the_last_reset():
+    if not reset_peak_memory("cpu"):
+        pytest.skip("this system cannot reset the CPU peak (no writable /proc/self/clear_refs)")
+    buffer = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MB, touched, then freed
+    del buffer
+    assert peak_rss_mb() >= current_rss_mb() + 60  # the peak saw the buffer
+    assert reset_peak_memory("cpu")
+    assert peak_rss_mb() < current_rss_mb() + 30  # a new peak, from what is resident now
 
 
 def test_current_rss_without_psutil(monkeypatch):

@@ -4,7 +4,7 @@ import torch
 from detectron2.utils.events import EventStorage
 
 from e3va import E3VASwin, LowRankMixer
-from e3va.benchmark import bytes_saved_for_backward
+from e3va.engine.memory import bytes_saved_for_backward
 from e3va.methods.losa import mix_in_windows
 from helpers import perturb, synthetic_batch, tiny_detector
 from test_backbone import _trunk_outputs_during_training_step

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import BoxMode, Boxes, Instances, polygons_to_bitmask
 from pycocotools.coco import COCO
 
+import e3va.data.shapes.generate as generate_module
 from e3va.data.shapes import (
     SHAPES_CLASSES,
     build_shapes_evaluator,
@@ -119,6 +122,34 @@ def test_generation_is_skipped_when_up_to_date_and_redone_when_parameters_change
     (tmp_path / "val" / "000001.png").unlink()  # a missing image forces regeneration too
     generate_shapes_dataset(tmp_path, "val", num_images=2, image_size=64)
     assert (tmp_path / "val" / "000001.png").is_file()
+
+
+_SLOW_GENERATOR = """
+import sys, time
+import e3va.data.shapes.generate as g
+write = g._write_coco_split
+def slow(*args):
+    print("building", flush=True)
+    time.sleep(2)
+    write(*args)
+g._write_coco_split = slow
+g.generate_shapes_dataset(sys.argv[1], "val", num_images=2, image_size=64)
+"""
+
+
+def test_a_second_process_waits_for_the_first_and_reuses_its_files(tmp_path, monkeypatch):
+    first = subprocess.Popen([sys.executable, "-c", _SLOW_GENERATOR, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "building"
+
+        def must_not_build(*args):
+            raise AssertionError("the second process rebuilt the split instead of waiting for the first")
+
+        monkeypatch.setattr(generate_module, "_write_coco_split", must_not_build)
+        json_path = generate_shapes_dataset(tmp_path, "val", num_images=2, image_size=64)
+    finally:
+        assert first.wait(timeout=120) == 0
+    assert [im["file_name"] for im in json.loads(json_path.read_text())["images"]] == ["000000.png", "000001.png"]
 
 
 def test_bad_arguments_raise_value_errors_naming_them(tmp_path):

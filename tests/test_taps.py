@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from e3va import E3VASwin
-from e3va.benchmark import bytes_saved_for_backward
+from e3va.engine.memory import bytes_saved_for_backward
 from e3va.trainable import TrainableCheckpointError, apply_trainable, trainable_checkpoint
 from e3va.vit import E3VAViT
 from helpers import perturb

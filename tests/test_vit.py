@@ -15,7 +15,7 @@ from e3va import (
     backbone_config_key,
     find_tuned_backbone,
 )
-from e3va.benchmark import bytes_saved_for_backward
+from e3va.engine.memory import bytes_saved_for_backward
 from e3va.methods.losa import mix_in_windows
 from helpers import load_config, make_tiny, perturb
 from test_backbone import _trunk_outputs_during_training_step

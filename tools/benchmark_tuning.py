@@ -15,7 +15,7 @@ per-round ratios, with their range: on a host whose speed drifts, a comparison w
 
 KEY=VALUE are LazyConfig overrides, e.g. model.backbone.bottom_up.size=nano. Peak memory is, on CUDA,
 max_memory_allocated over the steps; on the CPU, the peak resident set over the steps minus the resident
-set before the first step (see e3va.benchmark). Exit code: 0 if every method succeeded, 1 otherwise.
+set before the first step (see e3va.benchmark.measure). Exit code: 0 if every method succeeded, 1 otherwise.
 """
 import argparse
 import os

@@ -11,7 +11,6 @@ draws predictions beside the ground truth with Detectron2's Visualizer, and prin
 """
 import argparse
 import copy
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from detectron2.data import DatasetCatalog, detection_utils
 from detectron2.engine import default_argument_parser
 
 import e3va
+from e3va.atomic import atomic_write_json
 from e3va.data.shapes import ensure_shapes_dataset
 from e3va.engine.params import count_parameters
 from e3va.engine.training import do_test, do_train, setup
@@ -112,7 +112,7 @@ def main() -> None:
     }
     if also:
         summary["also_evaluated"] = also
-    (output_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(summary, output_dir / "demo_summary.json")
     print("\n==== E3VA demo: done ====")
     print(f"tuning method     : {args.tuning}")
     print(f"COCO AP (val)     : box {summary['bbox_AP']:.1f}, mask {summary['segm_AP']:.1f}")

@@ -18,7 +18,6 @@ loads it through the same path as official weights. Seeded: the same command giv
     python tools/pretrain_nano_swin.py --steps 50 --output /tmp/nano.pth
 """
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from e3va import NANO_SWIN_WEIGHTS, build_swin_trunk
+from e3va.atomic import atomic_torch_save
 from e3va.data.shapes import render_background
 from e3va.swin import NANO_PIXEL_MEAN, NANO_PIXEL_STD
 
@@ -265,10 +265,7 @@ def pretrain(
         "torch_threads": torch.get_num_threads(),
         "script": "tools/pretrain_nano_swin.py",
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    torch.save({"model": official_layout(model), "meta": meta}, tmp)
-    os.replace(tmp, output)
+    atomic_torch_save({"model": official_layout(model), "meta": meta}, output)
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MB) in {time.perf_counter() - start:.0f} s: {meta}")
     return meta
 

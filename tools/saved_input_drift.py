@@ -22,10 +22,10 @@ from typing import Dict, Sequence
 
 import torch
 
-from e3va import E3VASwin
+from e3va import SWIN_PRESETS, E3VASwin
+from e3va.atomic import atomic_write_json
+from e3va.engine.memory import bytes_saved_for_backward
 from e3va.side_memory import SAVED_INPUT_DTYPES
-from e3va.benchmark import bytes_saved_for_backward, write_json
-from e3va.swin import SWIN_PRESETS
 
 _MB = 1024 * 1024
 
@@ -99,7 +99,7 @@ def main() -> None:
     if args.output:
         record = {"size": args.size, "input_size": args.input_size, "batch_size": args.batch_size,
                   "tuning": args.tuning, "seed": args.seed, "results": results}
-        write_json(record, Path(args.output) / f"{args.size.lower()}_{args.tuning}_{args.input_size}.json")
+        atomic_write_json(record, Path(args.output) / f"{args.size.lower()}_{args.tuning}_{args.input_size}.json")
     print(json.dumps(results))
 
 

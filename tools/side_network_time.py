@@ -29,10 +29,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from e3va import E3VASwin, TUNING_METHODS
-from e3va.benchmark import write_json
+from e3va import SWIN_PRESETS, E3VASwin, TUNING_METHODS
+from e3va.atomic import atomic_write_json
 from e3va.checkpoint_io import align_with_wrapped_layers
-from e3va.swin import SWIN_PRESETS
 
 REFERENCE = "fixed"
 
@@ -130,7 +129,7 @@ def main() -> None:
                   "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
                   "num_threads": torch.get_num_threads(), "torch_version": torch.__version__,
                   "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "results": results}
-        write_json(record, Path(args.output) / f"swin_{args.size.lower()}_{args.input_size}.json")
+        atomic_write_json(record, Path(args.output) / f"swin_{args.size.lower()}_{args.input_size}.json")
     print(json.dumps({m: {"median_s": r["median_s"], "overhead_median_s": r["overhead_quartiles_s"][1]}
                       for m, r in results.items()}))
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from e3va import TUNING_METHODS
-from e3va.benchmark import write_json
+from e3va.atomic import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD_LR = 1e-3  # configs/Shapes/mask_rcnn_e3va.py's optimizer.lr: the heads' rate for every method
@@ -94,7 +94,7 @@ def train_and_evaluate(
         return {"params": params, "status": f"failed (exit {code}, see {where / 'train.log'})"}
     record = {"params": params, "status": "ok", "load_before": load_before, "load_after": os.getloadavg(),
               **json.loads(summary_file.read_text())}
-    write_json(record, record_file)
+    atomic_write_json(record, record_file)
     return record
 
 
@@ -236,7 +236,7 @@ def study(methods: Sequence[str], seeds: Sequence[int], sweep_lrs: Sequence[floa
         summaries.append(summary)
         runs_all += sweep + runs
         print(f"{method:>14}: lr {lr}  box AP {_pm(summary['bbox_AP'])}  mask AP {_pm(summary['segm_AP'])}", flush=True)
-        write_json({"command": command, "methods": summaries, "runs": runs_all}, out / "transfer.json")
+        atomic_write_json({"command": command, "methods": summaries, "runs": runs_all}, out / "transfer.json")
         (out / "transfer.md").write_text(markdown(summaries, command))
         plot(summaries, out / "transfer.png")
     return summaries

@@ -2,19 +2,34 @@
 
 A process killed at any point leaves either the previous file or the new one, never a truncated one (the
 rename is atomic on POSIX file systems within one directory). Every checkpoint, weight and JSON file the
-project writes goes through here.
+project writes goes through here: :func:`atomic_torch_save`, :func:`atomic_write_json`,
+:func:`atomic_write_text` and :func:`atomic_write_bytes` are the only writers; write nothing with a
+temporary name and ``os.replace`` by hand.
+
+:func:`file_lock` is the one inter-process lock, for files that several processes may want to generate
+at once (the shapes data): ``filelock``'s ``FileLock``, which ``torch`` already depends on.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Union
 
 import torch
+from filelock import FileLock
 
-__all__ = ["atomic_open", "atomic_torch_save", "atomic_write_text", "refuse_overwriting_inputs"]
+__all__ = [
+    "atomic_open",
+    "atomic_torch_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "file_lock",
+    "refuse_overwriting_inputs",
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -83,6 +98,29 @@ def atomic_write_text(text: str, path: PathLike) -> Path:
     with atomic_open(path, "w") as f:
         f.write(text)
     return Path(path)
+
+
+def atomic_write_bytes(data: bytes, path: PathLike, *, durable: bool = True) -> Path:
+    """Writes ``data`` to ``path`` atomically; ``durable=False`` skips the fsyncs (see :func:`atomic_open`).
+    Returns ``path``."""
+    with atomic_open(path, "wb", durable=durable) as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_json(obj: Any, path: PathLike) -> Path:
+    """Writes ``obj`` to ``path`` as JSON indented by two spaces, with a final newline, atomically (a
+    reader, or a run killed mid-write, never sees half a file); creates the folder. Returns ``path``."""
+    return atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: PathLike) -> Iterator[None]:
+    """Holds an exclusive inter-process lock on ``lock_path`` (created if missing, left in place after)
+    for the ``with`` block; blocks until it is free. Several processes (DDP ranks, a data loader and an
+    evaluator) may generate the same files at once: the second waits, then finds them made."""
+    with FileLock(os.fspath(lock_path)):
+        yield
 
 
 def _same_file(a: PathLike, b: PathLike) -> bool:

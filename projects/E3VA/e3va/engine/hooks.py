@@ -19,7 +19,6 @@ the peak-memory scalars to its console line.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -32,8 +31,8 @@ from detectron2.engine.defaults import default_writers
 from detectron2.engine.hooks import HookBase, PeriodicWriter
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, EventWriter, get_event_storage
-from detectron2.utils.file_io import PathManager
 
+from ..atomic import atomic_write_json
 from .distributed import allreduce_bytes_per_step, ddp_gradient_bytes, gather_from_all_ranks, trainable_fingerprint
 from .memory import DeviceLike, peak_memory_mb, reset_peak_memory
 from .params import count_parameters
@@ -63,8 +62,9 @@ class PeakMemoryHook(HookBase):
 
     Every ``period`` iterations (and at the last one, as ``PeriodicWriter`` does) it puts
     ``peak_mem_alloc_mb`` and ``peak_mem_reserved_mb`` on CUDA, ``peak_rss_mb`` on the CPU. The
-    values are peaks since training started (CUDA) or since the process started (CPU RSS, which
-    cannot be reset); they are put without smoothing, since a median of running peaks means nothing.
+    values are peaks since training started (on the CPU: where the kernel lets the peak resident set be
+    reset, else since the process started; see :mod:`e3va.engine.memory`); they are put without
+    smoothing, since a median of running peaks means nothing.
 
     At ``after_train`` it logs (logger ``"e3va"``) trainable / total parameters, peak memory and the
     mean wall time of an iteration, measured between its own ``before_step`` and ``after_step`` and
@@ -144,10 +144,8 @@ class PeakMemoryHook(HookBase):
         self.last_summary = summary
         logger.info("Training summary: " + self.format_summary(summary))
         if self._output_dir and comm.is_main_process():
-            PathManager.mkdirs(self._output_dir)
             path = os.path.join(self._output_dir, SUMMARY_FILENAME)
-            with PathManager.open(path, "w") as f:
-                json.dump(summary, f, indent=2)
+            atomic_write_json(summary, path)
             logger.info(f"Training summary saved to {path}")
 
     # ---- readings
