@@ -8,6 +8,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def pytest_configure(config):
+    # `make test` runs everything (CI too); `pytest tests -m "not slow"` skips the tests that start
+    # processes or train for many steps (about a minute or more each on 2 CPU cores).
+    config.addinivalue_line("markers", "slow: starts processes or trains for many steps")
+
+
 @pytest.fixture
 def restore_loggers():
     """main() runs Detectron2's setup_logger, which adds handlers and turns propagation off; undo it

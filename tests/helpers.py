@@ -69,3 +69,31 @@ def synthetic_batch(batch_size: int = 2, size: int = 64, num_classes: int = 3, s
     """Detectron2-style training inputs: random images with two box+mask instances each
     (``e3va.synthetic.synthetic_batch``, which the benchmark tool also feeds its models)."""
     return _synthetic_batch(batch_size, size, num_classes, seed, num_instances=2)
+
+
+# The paper's tuning methods (its Table 1 rows), for tests that go over all of them.
+PAPER_METHODS = ["full", "fixed", "bitfit", "norm", "partial1", "adapter", "lora", "adaptformer",
+                 "e3va", "e3va_plus", "e3va_plusplus"]
+
+
+def trunk_outputs_during_training_step(model):
+    """Outputs of every trunk module during a training forward, except the highway's own use of the
+    inherited patch-merging layers (each called a second time, after the trunk's call, on the highway's
+    state, which has a graph)."""
+    seen = []
+    calls = {}
+
+    def hook(module, args, output):
+        calls[module] = calls.get(module, 0) + 1
+        if getattr(module, "_in_downsample", False) and calls[module] > 1:
+            return
+        outs = output if isinstance(output, tuple) else (output,)
+        seen.extend(o for o in outs if torch.is_tensor(o))
+
+    for name, module in model.trunk.named_modules():
+        module._in_downsample = "downsample" in name
+    handles = [m.register_forward_hook(hook) for n, m in model.trunk.named_modules() if not n.startswith("norm")]
+    out = model(torch.randn(2, 3, 64, 64))
+    for h in handles:
+        h.remove()
+    return out, seen

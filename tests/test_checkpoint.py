@@ -61,7 +61,7 @@ def test_a_full_checkpoint_without_side_network_record_is_taken_as_the_legacy_ta
 def test_timm_layout_files_and_model_names_load_into_the_trunk(tmp_path, monkeypatch):
     """train.init_checkpoint may be a timm file or a timm model name; both end in the official layout."""
     import timm
-    from test_pretrained import random_timm_swin
+    from test_swin_weights import random_timm_swin
 
     from e3va.swin_weights import timm_to_official
 

@@ -17,8 +17,7 @@ from e3va import (
 )
 from e3va.engine.memory import bytes_saved_for_backward
 from e3va.methods.losa import mix_in_windows
-from helpers import load_config, make_tiny, perturb
-from test_backbone import _trunk_outputs_during_training_step
+from helpers import load_config, make_tiny, perturb, trunk_outputs_during_training_step
 
 SIDE_NETWORKS = {"e3va": "highway", "losa": "losa"}
 
@@ -59,7 +58,7 @@ def test_output_shape_of_every_vit_size(size):
 @pytest.mark.parametrize("tuning", ["e3va", "losa", "fixed"])
 def test_frozen_trunk_runs_without_autograd_and_little_is_kept_for_backward(tuning):
     model = tiny_vit(tuning).train()
-    out, trunk_outputs = _trunk_outputs_during_training_step(model)
+    out, trunk_outputs = trunk_outputs_during_training_step(model)
     assert len(trunk_outputs) > 30
     assert all(t.grad_fn is None and not t.requires_grad for t in trunk_outputs)
     assert out["last_feat"].requires_grad == (tuning != "fixed")
@@ -69,7 +68,7 @@ def test_frozen_trunk_runs_without_autograd_and_little_is_kept_for_backward(tuni
 
 
 def test_full_finetuning_runs_the_trunk_under_autograd():
-    _, trunk_outputs = _trunk_outputs_during_training_step(tiny_vit("full").train())
+    _, trunk_outputs = trunk_outputs_during_training_step(tiny_vit("full").train())
     assert any(t.grad_fn is not None for t in trunk_outputs)
 
 

@@ -4,10 +4,8 @@ import torch
 from detectron2.utils.events import EventStorage
 
 from e3va import E3VASwin, TUNING_METHODS
-from helpers import synthetic_batch, tiny_detector
+from helpers import PAPER_METHODS, synthetic_batch, tiny_detector
 
-PAPER_METHODS = ["full", "fixed", "bitfit", "norm", "partial1", "adapter", "lora", "adaptformer",
-                 "e3va", "e3va_plus", "e3va_plusplus"]
 OUT_NORMS = {f"norm{i}.{w}" for i in range(4) for w in ("weight", "bias")}
 
 

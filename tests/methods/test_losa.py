@@ -6,8 +6,7 @@ from detectron2.utils.events import EventStorage
 from e3va import E3VASwin, LowRankMixer
 from e3va.engine.memory import bytes_saved_for_backward
 from e3va.methods.losa import mix_in_windows
-from helpers import perturb, synthetic_batch, tiny_detector
-from test_backbone import _trunk_outputs_during_training_step
+from helpers import perturb, synthetic_batch, tiny_detector, trunk_outputs_during_training_step
 
 NORMS = {f"trunk.norm{i}.{w}" for i in range(4) for w in ("weight", "bias")}
 
@@ -60,7 +59,7 @@ def test_zero_initialised_last_projections_learn_at_the_first_step():
 
 def test_trunk_runs_without_autograd_and_little_is_kept_for_backward():
     model = E3VASwin("nano", tuning="losa").train()
-    out, trunk_outputs = _trunk_outputs_during_training_step(model)
+    out, trunk_outputs = trunk_outputs_during_training_step(model)
     assert len(trunk_outputs) > 50
     assert all(t.grad_fn is None and not t.requires_grad for t in trunk_outputs)
     assert all(v.requires_grad for v in out.values())

@@ -9,7 +9,7 @@ from e3va import E3VASwin, SWIN_PRESETS, TUNING_METHODS, add_e3va_config
 from e3va.engine.memory import bytes_saved_for_backward
 from e3va.methods import DualLowRankLinear
 from e3va.side_memory import CompactInput
-from helpers import perturb
+from helpers import perturb, trunk_outputs_during_training_step
 
 E3VA_PRESETS = ["e3va", "e3va_plus", "e3va_plusplus"]
 HIGHWAY_METHODS = E3VA_PRESETS + ["e3va_fa"]
@@ -100,33 +100,10 @@ def test_gradients_reach_only_trainable_parameters(tuning):
     assert model.highway.beside_attn[0][0].up.u.grad.abs().sum() > 0
 
 
-def _trunk_outputs_during_training_step(model):
-    """Outputs of every trunk module during a training forward, except the highway's own use of the
-    inherited patch-merging layers (each called a second time, after the trunk's call, on the highway's
-    state, which has a graph)."""
-    seen = []
-    calls = {}
-
-    def hook(module, args, output):
-        calls[module] = calls.get(module, 0) + 1
-        if getattr(module, "_in_downsample", False) and calls[module] > 1:
-            return
-        outs = output if isinstance(output, tuple) else (output,)
-        seen.extend(o for o in outs if torch.is_tensor(o))
-
-    for name, module in model.trunk.named_modules():
-        module._in_downsample = "downsample" in name
-    handles = [m.register_forward_hook(hook) for n, m in model.trunk.named_modules() if not n.startswith("norm")]
-    out = model(torch.randn(2, 3, 64, 64))
-    for h in handles:
-        h.remove()
-    return out, seen
-
-
 @pytest.mark.parametrize("tuning", E3VA_PRESETS + ["fixed"])
 def test_frozen_trunk_runs_without_autograd(tuning):
     model = E3VASwin("nano", tuning=tuning).train()
-    out, trunk_outputs = _trunk_outputs_during_training_step(model)
+    out, trunk_outputs = trunk_outputs_during_training_step(model)
     assert len(trunk_outputs) > 50
     for t in trunk_outputs:
         assert t.grad_fn is None and not t.requires_grad
@@ -136,7 +113,7 @@ def test_frozen_trunk_runs_without_autograd(tuning):
 
 def test_full_finetuning_does_run_the_trunk_under_autograd():
     model = E3VASwin("nano", tuning="full").train()
-    _, trunk_outputs = _trunk_outputs_during_training_step(model)
+    _, trunk_outputs = trunk_outputs_during_training_step(model)
     assert any(t.grad_fn is not None for t in trunk_outputs)
 
 
