@@ -11,7 +11,7 @@ merging (``highway_downsample``, see ``e3va.swin``).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.modeling.backbone import Backbone
@@ -27,6 +27,7 @@ __all__ = [
     "TRUNK_DTYPES",
     "backbone_config_key",
     "find_tuned_backbone",
+    "pick_preset",
 ]
 
 TRUNK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,6 +39,13 @@ HIGHWAY_DOWNSAMPLES = ("difference", "direct")
 # Which patch merging the side state crosses: the trunk's own, frozen (the paper's), or the trunk's plus a
 # trained change that starts at zero ("trainable", the paper's ablation; e3va.swin.TrainableMerging).
 HIGHWAY_MERGINGS = ("frozen", "trainable")
+
+
+def pick_preset(presets: Mapping[str, Dict[str, Any]], size: str, architecture: str) -> Dict[str, Any]:
+    """A copy of ``presets[size]``; the error names the ``architecture`` and the sizes it has."""
+    if size not in presets:
+        raise ValueError(f"Unknown {architecture} size {size!r}; expected one of {sorted(presets)}.")
+    return dict(presets[size])
 
 
 class SideTunedBackbone(Backbone):

@@ -19,7 +19,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.swin import SwinTransformer
 from torch import nn
 
-from .backbone import SideTunedBackbone
+from .backbone import SideTunedBackbone, pick_preset
 from .methods import TrunkLayout, TuningOptions
 from .methods.base import with_tuning_options
 
@@ -72,11 +72,8 @@ NANO_PIXEL_MEAN = (103.530, 116.280, 123.675)
 NANO_PIXEL_STD = (57.375, 57.120, 58.395)
 
 
-def swin_preset(size: str) -> Dict[str, Any]:
-    """Returns a copy of the architecture of Swin-``size`` (one of ``SWIN_PRESETS``)."""
-    if size not in SWIN_PRESETS:
-        raise ValueError(f"Unknown Swin size {size!r}; expected one of {sorted(SWIN_PRESETS)}.")
-    return dict(SWIN_PRESETS[size])
+# swin_preset(size): a copy of the architecture of Swin-``size`` (one of SWIN_PRESETS).
+swin_preset = functools.partial(pick_preset, SWIN_PRESETS, architecture="Swin")
 
 
 def build_swin_trunk(
@@ -144,7 +141,7 @@ class TrainableMerging(nn.Module):
         return torch.func.functional_call(pm, weights, (x, H, W))
 
 
-@with_tuning_options
+@with_tuning_options()
 class E3VASwin(SideTunedBackbone):
     """Swin backbone for Detectron2 tuned with a method of ``e3va.methods`` (E3VA by default).
 

@@ -16,6 +16,7 @@ The baselines (``full``, ``fixed``, ``lora``, ...) are the same methods as on Sw
 """
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Any, Dict, Optional, Sequence
 
@@ -23,7 +24,7 @@ import torch
 from detectron2.modeling.backbone.vit import ViT
 from torch import nn
 
-from .backbone import SideTunedBackbone
+from .backbone import SideTunedBackbone, pick_preset
 from .methods import TrunkLayout, TuningOptions
 from .methods.base import with_tuning_options
 
@@ -50,11 +51,8 @@ VIT_PRETRAINED_CHECKPOINTS: Dict[str, str] = {
 }
 
 
-def vit_preset(size: str) -> Dict[str, Any]:
-    """Returns a copy of the architecture of ViT-``size`` (one of ``VIT_PRESETS``)."""
-    if size not in VIT_PRESETS:
-        raise ValueError(f"Unknown ViT size {size!r}; expected one of {sorted(VIT_PRESETS)}.")
-    return dict(VIT_PRESETS[size])
+# vit_preset(size): a copy of the architecture of ViT-``size`` (one of VIT_PRESETS).
+vit_preset = partial(pick_preset, VIT_PRESETS, architecture="ViT")
 
 
 def build_vit_trunk(
@@ -100,7 +98,12 @@ def build_vit_trunk(
     )
 
 
-@with_tuning_options
+# The trunk builder's keyword arguments and defaults, which E3VAViT passes through.
+_TRUNK_DEFAULTS = {name: p.default for name, p in inspect.signature(build_vit_trunk).parameters.items()
+                   if p.kind is p.KEYWORD_ONLY}
+
+
+@with_tuning_options(takes_from=build_vit_trunk)
 class E3VAViT(SideTunedBackbone):
     """ViTDet's plain ViT for Detectron2, tuned with a method of ``e3va.methods`` (E3VA by default).
 
@@ -110,44 +113,17 @@ class E3VAViT(SideTunedBackbone):
     Args:
         size: ViT preset, one of ``VIT_PRESETS`` (B, L, H, nano).
         tuning: tuning method name, one of ``e3va.TUNING_METHODS``.
-        img_size: the input size the relative positions of the global blocks are made for (ViTDet: 1024).
-        patch_size: 16, as the MAE checkpoints.
-        window_size: attention window of the windowed blocks; also LoSA's token-mixing window.
-        drop_path_rate: stochastic depth; None for the preset's (ViTDet's) rate.
-        use_rel_pos, residual_block_indexes: as Detectron2's ``ViT``.
-        pretrain_img_size: the image size of the pretrained absolute positions (MAE: 224).
-        out_feature: the name of the output.
-        **options: the tuning options, ``e3va.methods.TuningOptions``, as ``E3VASwin`` (a plain ViT has no
-            patch merging, so ``highway_downsample`` does not apply and is refused).
+        **kwargs: the trunk's arguments, as :func:`build_vit_trunk` (img_size, patch_size, window_size, also
+            LoSA's token-mixing window, drop_path_rate, use_rel_pos, residual_block_indexes,
+            pretrain_img_size, out_feature), and the tuning options, ``e3va.methods.TuningOptions``, as
+            ``E3VASwin`` (a plain ViT has no patch merging, so ``highway_downsample`` and
+            ``highway_merging`` do not apply and are refused).
     """
 
-    def __init__(
-        self,
-        size: str = "B",
-        *,
-        tuning: str = "e3va",
-        img_size: int = 1024,
-        patch_size: int = 16,
-        window_size: int = 14,
-        drop_path_rate: Optional[float] = None,
-        use_rel_pos: bool = True,
-        residual_block_indexes: Sequence[int] = (),
-        pretrain_img_size: int = 224,
-        out_feature: str = "last_feat",
-        **options: Any,
-    ) -> None:
+    def __init__(self, size: str = "B", *, tuning: str = "e3va", **kwargs: Any) -> None:
         super().__init__()
-        self.trunk = build_vit_trunk(
-            size,
-            img_size=img_size,
-            patch_size=patch_size,
-            window_size=window_size,
-            drop_path_rate=drop_path_rate,
-            use_rel_pos=use_rel_pos,
-            residual_block_indexes=residual_block_indexes,
-            pretrain_img_size=pretrain_img_size,
-            out_feature=out_feature,
-        )
+        trunk_args = {**_TRUNK_DEFAULTS, **{k: kwargs.pop(k) for k in list(kwargs) if k in _TRUNK_DEFAULTS}}
+        self.trunk = build_vit_trunk(size, **trunk_args)
         # The trunk's own output names, channels and strides are the backbone's (Backbone.output_shape).
         self._out_features = list(self.trunk._out_features)
         self._out_feature_channels = dict(self.trunk._out_feature_channels)
@@ -155,11 +131,11 @@ class E3VAViT(SideTunedBackbone):
         layout = TrunkLayout(
             self.trunk,
             blocks_by_stage=[list(self.trunk.blocks)],
-            stage_dims=[self._out_feature_channels[out_feature]],
-            window_size=window_size,
+            stage_dims=[self._out_feature_channels[trunk_args["out_feature"]]],
+            window_size=trunk_args["window_size"],
             grid_of=lambda block, output: (output.shape[1], output.shape[2]),  # ViT blocks map (B, H, W, C)
         )
-        self._attach_tuning(tuning, layout, TuningOptions.from_kwargs(type(self), options))
+        self._attach_tuning(tuning, layout, TuningOptions.from_kwargs(type(self), kwargs))
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._check_image(x)

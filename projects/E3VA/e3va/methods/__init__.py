@@ -4,42 +4,13 @@ Select one with a single override, e.g. ``model.backbone.bottom_up.tuning=e3va_p
 ``model.backbone.net.tuning=losa`` (ViT + SimpleFeaturePyramid configs). See :mod:`e3va.methods.base` for
 what a method is and how to add one.
 """
-from .base import (
-    METHOD_OPTIONS,
-    TUNING_METHODS,
-    SideNetwork,
-    SideTaps,
-    TrunkLayout,
-    TuningMethod,
-    TuningOptions,
-    check_choice,
-    get_tuning_method,
-    register_tuning_method,
-)
+from . import base
+from .base import *  # noqa: F401,F403 (the protocol and registry, as base.__all__ lists them)
 
 # Registration order is the order of TUNING_METHODS: the baselines, then the side networks.
 from . import trunk_params, in_trunk  # noqa: E402,I001
-from .e3va import ADAPTER_ARRANGEMENTS, ADAPTER_INPUTS, AdapterHighway, AdapterSpec, DualLowRankLinear, HighwayAdapter
-from .losa import LoSASideNetwork, LoSASpec, LowRankMixer
+from . import e3va, losa
+from .e3va import *  # noqa: F401,F403
+from .losa import *  # noqa: F401,F403
 
-__all__ = [
-    "ADAPTER_ARRANGEMENTS",
-    "ADAPTER_INPUTS",
-    "METHOD_OPTIONS",
-    "TUNING_METHODS",
-    "AdapterHighway",
-    "AdapterSpec",
-    "DualLowRankLinear",
-    "HighwayAdapter",
-    "LoSASideNetwork",
-    "LoSASpec",
-    "LowRankMixer",
-    "SideNetwork",
-    "SideTaps",
-    "TrunkLayout",
-    "TuningMethod",
-    "TuningOptions",
-    "check_choice",
-    "get_tuning_method",
-    "register_tuning_method",
-]
+__all__ = [*base.__all__, *e3va.__all__, *losa.__all__]

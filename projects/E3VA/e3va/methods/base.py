@@ -114,17 +114,24 @@ class TuningOptions:
 METHOD_OPTIONS = ("rank", "bottleneck_ratio", "activation", "adapter_input", "adapter_arrangement")
 
 
-def with_tuning_options(cls: type) -> type:
-    """Gives ``cls`` (whose ``__init__`` takes ``**options``) a signature that lists every
-    :class:`TuningOptions` field as a keyword: ``inspect.signature``, help() and the override checker
-    (``e3va.overrides``) then see the real names, declared once in :class:`TuningOptions`."""
-    own = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    options = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-        for f in dataclasses.fields(TuningOptions)
-    ]
-    cls.__signature__ = inspect.Signature(own[1:] + options)  # without self, as for a class
-    return cls
+def with_tuning_options(takes_from: Optional[Callable[..., Any]] = None) -> Callable[[type], type]:
+    """A class decorator for backbones whose ``__init__`` takes ``**kwargs``: their signature then lists
+    ``takes_from``'s keyword-only parameters (e.g. the trunk builder's, passed through) and every
+    :class:`TuningOptions` field, so that ``inspect.signature``, help() and the override checker
+    (``e3va.overrides``) see the real names, each declared once where it belongs."""
+
+    def decorate(cls: type) -> type:
+        own = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        passed = [p for p in inspect.signature(takes_from).parameters.values()
+                  if p.kind is p.KEYWORD_ONLY] if takes_from is not None else []
+        options = [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+            for f in dataclasses.fields(TuningOptions)
+        ]
+        cls.__signature__ = inspect.Signature(own[1:] + passed + options)  # without self, as for a class
+        return cls
+
+    return decorate
 
 
 @dataclass(frozen=True)
