@@ -1,9 +1,11 @@
-"""Files saved before the package was restructured (tests/fixtures/pre_restructure, made by its make.py)
-load with today's code and give the output they gave then."""
+"""What users had before the package was restructured still works: files saved then
+(tests/fixtures/pre_restructure, made by its make.py) load and give the output they gave, and every public
+name of ``e3va`` then is still there."""
 from pathlib import Path
 
 import torch
 
+import e3va
 from e3va import E3VACheckpointer, E3VAViT, load_trainable
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pre_restructure"
@@ -31,3 +33,46 @@ def test_a_trainable_only_task_file_saved_before_loads_on_its_base_and_gives_the
     E3VACheckpointer(model).load(str(FIXTURES / "base.pth"))
     load_trainable(model, FIXTURES / "task.pth")
     _expected_output(model)
+
+
+# e3va.__all__ at commit 74c3ccc, before the restructure.
+PUBLIC_NAMES_BEFORE = [
+    "ADAPTER_INPUTS",
+    "AdapterHighway",
+    "AdapterSpec",
+    "CheckpointReadError",
+    "DualLowRankLinear",
+    "E3VACheckpointer",
+    "E3VASwin",
+    "E3VAViT",
+    "HIGHWAY_DOWNSAMPLES",
+    "HighwayAdapter",
+    "LoSASideNetwork",
+    "LoSASpec",
+    "LowRankMixer",
+    "NANO_SWIN_WEIGHTS",
+    "SWIN_PRESETS",
+    "SWIN_PRETRAINED_URLS",
+    "SideTunedBackbone",
+    "TUNING_METHODS",
+    "TrainableCheckpointError",
+    "TuningMethod",
+    "VIT_PRESETS",
+    "VIT_PRETRAINED_CHECKPOINTS",
+    "add_e3va_config",
+    "backbone_config_key",
+    "build_e3va_swin_backbone",
+    "build_e3va_swin_fpn_backbone",
+    "build_swin_trunk",
+    "build_vit_trunk",
+    "find_tuned_backbone",
+    "get_tuning_method",
+    "load_trainable",
+    "read_checkpoint_file",
+    "save_trainable",
+]
+
+
+def test_every_public_name_of_before_the_restructure_remains():
+    missing = [n for n in PUBLIC_NAMES_BEFORE if n not in e3va.__all__ or not hasattr(e3va, n)]
+    assert not missing
