@@ -1,8 +1,8 @@
 """An independent reference of E3VA's equations (projects/E3VA/README.md), in plain torch ops.
 
 From the trunk's own blocks (run without any side network: their inputs, post-attention residuals and
-outputs recorded by hooks) and the side network's weights (the highway's factor tensors, the mixers' Linear weights; not their
-``forward``), compute
+outputs recorded by hooks) and the side network's weights (the highway's factor tensors, the mixers'
+Linear weights; not their ``forward``), compute
 
     d_j = d_{j-1} + A_j(F1_j) + M_j(F2_j),   F1_j = h_j - x_{j-1},   F2_j = x_j - h_j
     A(z) = (U_up V_up) gelu((U_down V_down) z + b_down) + b_up,   W = U1 V1 + U2 V2
