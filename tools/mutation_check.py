@@ -47,6 +47,7 @@ class Mutant(NamedTuple):  # not a dataclass: tests load this script without reg
     new: str
     tests: Tuple[str, ...]  # pytest ids, run from the repository root
     breaks: str  # what the change breaks, for the report
+    equivalent: str = ""  # why no test can kill it (it changes no observable behaviour), when that is so
 
 
 MUTANTS: Tuple[Mutant, ...] = (
@@ -128,7 +129,14 @@ MUTANTS: Tuple[Mutant, ...] = (
            "stack.enter_context(torch.enable_grad() if needs_grad else torch.no_grad())",
            "stack.enter_context(torch.enable_grad())",
            ("tests/test_swin.py::test_frozen_trunk_runs_without_autograd[e3va]",),
-           "a frozen trunk builds an autograd graph"),
+           "a frozen trunk runs with autograd enabled",
+           equivalent="autograd records an operation only when an input requires grad; in a frozen trunk no "
+                      "parameter does, the image does not, and the side network never feeds back into the "
+                      "trunk, so no graph is built either way"),
+    Mutant("trunk_never_under_autograd", "e3va/backbone.py",
+           "needs_grad = self.trunk_needs_autograd", "needs_grad = False",
+           ("tests/test_swin.py::test_full_finetuning_does_run_the_trunk_under_autograd",),
+           "a trunk that trains runs without autograd (no gradient reaches it)"),
     # ---- checkpoints: writing, trainable-only files, --eval-only
     Mutant("trainable_checkpoint_ignored", "e3va/engine/training.py",
            "        checkpointer.load(task)", "        pass",
@@ -207,17 +215,22 @@ def report(rows: Sequence[Tuple[Mutant, str, float]], command: str) -> str:
     """The Markdown report: kill rate and one table row per mutant."""
     killed = sum(outcome in ("failed", "timeout") for _, outcome, _ in rows)
     survivors = [m.name for m, outcome, _ in rows if outcome == "passed"]
+    equivalent = [m.name for m, outcome, _ in rows if outcome == "passed" and m.equivalent]
+    killable = len(rows) - len(equivalent)
+    of_which = f" (equivalent: {', '.join(equivalent)})" if equivalent else ""
     lines = [
         f"Command: `{command}`", "",
-        f"**{killed} of {len(rows)} mutants killed** ({100.0 * killed / max(len(rows), 1):.0f}%); "
-        f"survived: {', '.join(survivors) or 'none'}.", "",
+        f"**{killed} of {len(rows)} mutants killed** ({100.0 * killed / max(len(rows), 1):.0f}%; "
+        f"{killed} of the {killable} that are not equivalent); survived: {', '.join(survivors) or 'none'}"
+        f"{of_which}.", "",
         "| mutant | file | breaks | tests run | result | s |", "|---|---|---|---|---|---|",
     ]
     result = {"failed": "killed", "timeout": "killed (timeout)", "passed": "**survived**", "error": "error"}
     for mutant, outcome, seconds in rows:
         tests = "<br>".join(f"`{t.split('::', 1)[-1]}`" for t in mutant.tests)
-        lines.append(f"| `{mutant.name}` | `{mutant.path}` | {mutant.breaks} | {tests} | {result[outcome]} "
-                     f"| {seconds:.0f} |")
+        verdict = result[outcome] + (f": equivalent, {mutant.equivalent}" if outcome == "passed" and mutant.equivalent
+                                     else "")
+        lines.append(f"| `{mutant.name}` | `{mutant.path}` | {mutant.breaks} | {tests} | {verdict} | {seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 

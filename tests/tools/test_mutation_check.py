@@ -37,9 +37,17 @@ def test_apply_mutant_changes_only_its_text_in_a_copy(tmp_path):
 def test_report_counts_kills_and_keeps_the_prose_around_its_markers(tmp_path):
     a, b = tool.MUTANTS[:2]
     table = tool.report([(a, "failed", 3.0), (b, "passed", 4.0)], "python tools/mutation_check.py")
-    assert "**1 of 2 mutants killed** (50%)" in table and f"survived: {b.name}" in table
+    assert "**1 of 2 mutants killed** (50%;" in table and f"survived: {b.name}" in table
     doc = tmp_path / "MUTATION.md"
     doc.write_text(f"intro\n{tool.BEGIN}\nold table\n{tool.END}\nnotes\n")
     tool.write_report(doc, table)
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("notes\n") and "old table" not in text and table in text
+
+
+def test_report_tells_equivalent_survivors_apart():
+    a = next(m for m in tool.MUTANTS if m.equivalent)
+    b = next(m for m in tool.MUTANTS if not m.equivalent)
+    table = tool.report([(a, "passed", 1.0), (b, "failed", 1.0)], "cmd")
+    assert "1 of the 1 that are not equivalent" in table and f"(equivalent: {a.name})" in table
+    assert "**survived**: equivalent, " in table
