@@ -214,15 +214,12 @@ def _unique(items: Iterable[str]) -> List[str]:
 def report(rows: Sequence[Tuple[Mutant, str, float]], command: str) -> str:
     """The Markdown report: kill rate and one table row per mutant."""
     killed = sum(outcome in ("failed", "timeout") for _, outcome, _ in rows)
-    survivors = [m.name for m, outcome, _ in rows if outcome == "passed"]
-    equivalent = [m.name for m, outcome, _ in rows if outcome == "passed" and m.equivalent]
-    killable = len(rows) - len(equivalent)
-    of_which = f" (equivalent: {', '.join(equivalent)})" if equivalent else ""
+    survivors = [m.name + (" (equivalent)" if m.equivalent else "") for m, outcome, _ in rows if outcome == "passed"]
+    killable = len(rows) - sum(outcome == "passed" and bool(m.equivalent) for m, outcome, _ in rows)
     lines = [
         f"Command: `{command}`", "",
         f"**{killed} of {len(rows)} mutants killed** ({100.0 * killed / max(len(rows), 1):.0f}%; "
-        f"{killed} of the {killable} that are not equivalent); survived: {', '.join(survivors) or 'none'}"
-        f"{of_which}.", "",
+        f"{killed} of the {killable} that are not equivalent); survived: {', '.join(survivors) or 'none'}.", "",
         "| mutant | file | breaks | tests run | result | s |", "|---|---|---|---|---|---|",
     ]
     result = {"failed": "killed", "timeout": "killed (timeout)", "passed": "**survived**", "error": "error"}

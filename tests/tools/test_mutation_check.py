@@ -49,5 +49,5 @@ def test_report_tells_equivalent_survivors_apart():
     a = next(m for m in tool.MUTANTS if m.equivalent)
     b = next(m for m in tool.MUTANTS if not m.equivalent)
     table = tool.report([(a, "passed", 1.0), (b, "failed", 1.0)], "cmd")
-    assert "1 of the 1 that are not equivalent" in table and f"(equivalent: {a.name})" in table
+    assert "1 of the 1 that are not equivalent" in table and f"survived: {a.name} (equivalent)." in table
     assert "**survived**: equivalent, " in table
