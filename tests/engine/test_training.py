@@ -23,11 +23,10 @@ from torch import nn
 
 from e3va.engine.hooks import SUMMARY_FILENAME, PeakMemoryHook
 from e3va.engine.memory import current_rss_mb, peak_memory_mb, peak_rss_mb, reset_peak_memory
-from e3va.engine.params import count_parameters, print_trainable_parameters, trainable_parameter_names
-
-
-
 from e3va.engine import training as tool
+from e3va.engine.params import count_parameters, print_trainable_parameters, trainable_parameter_names
+from e3va.overrides import ConfigOverrideError
+from e3va.trainable import save_trainable
 
 
 # ---- toys
@@ -250,15 +249,21 @@ def test_cuda_config_without_cuda_asks_for_train_device_cpu():
     assert tool.use_amp(cfg, torch.device("cpu")) is False
 
 
-def test_main_trains_then_evaluates_from_a_config_file(tmp_path, restore_loggers):
-    out = tmp_path / "out"
+def toy_config_file(tmp_path: Path, out: Path) -> Path:
+    """A LazyConfig file of :func:`toy_config` writing to ``out``, for the tool's ``--config-file``."""
     config = tmp_path / "toy_config.py"
     config.write_text(
-        "from test_engine import toy_config\n"
+        "from test_training import toy_config\n"  # this module: pytest puts tests/engine on sys.path
         f"_cfg = toy_config({str(out)!r}, max_iter=2, log_period=1)\n"
         "model, dataloader, optimizer = _cfg.model, _cfg.dataloader, _cfg.optimizer\n"
         "lr_multiplier, train = _cfg.lr_multiplier, _cfg.train\n"
     )
+    return config
+
+
+def test_main_trains_then_evaluates_from_a_config_file(tmp_path, restore_loggers):
+    out = tmp_path / "out"
+    config = toy_config_file(tmp_path, out)
     parser = default_argument_parser()
     assert LazyConfig.load(str(config)).train.max_iter == 2
 
@@ -272,3 +277,34 @@ def test_main_trains_then_evaluates_from_a_config_file(tmp_path, restore_loggers
     results = tool.main(parser.parse_args(["--config-file", str(config), "--eval-only", weights]))
     # The trained weights were loaded: the score is the trained model's, not a fresh initialisation's.
     assert results["toy"] == {"images": 3.0, "score": pytest.approx(trained_score, rel=1e-6)}
+
+
+def test_eval_only_evaluates_the_trainable_checkpoint_on_its_base(tmp_path, restore_loggers):
+    """``--eval-only train.init_checkpoint=BASE train.trainable_checkpoint=TASK`` evaluates the task's
+    weights (the evaluator's score depends on them); a missing file or a mistyped key is an error, never
+    an evaluation of the base alone."""
+    config = toy_config_file(tmp_path, tmp_path / "out")
+    base, task = tmp_path / "base.pth", tmp_path / "task.pth"
+    torch.manual_seed(0)
+    model = ToyDetector()
+    torch.save({"model": model.state_dict()}, base)
+    with torch.no_grad():
+        model.head.weight.mul_(-3.0)  # "trains" the head only: the trunk stays the base's
+        model.head.bias.add_(1.0)
+    save_trainable(model, task)
+    model.eval()
+    with torch.no_grad():
+        task_score = sum(float(o["score"]) for batch in toy_test_loader() for o in model(batch))
+
+    def evaluate(*overrides: str) -> Dict:
+        args = ["--config-file", str(config), "--eval-only", f"train.init_checkpoint={base}", *overrides]
+        return tool.main(default_argument_parser().parse_args(args))["toy"]
+
+    base_score = evaluate()["score"]
+    got = evaluate(f"train.trainable_checkpoint={task}")
+    assert got == {"images": 3.0, "score": pytest.approx(task_score, rel=1e-6)}
+    assert abs(task_score - base_score) > 0.1
+    with pytest.raises(AssertionError, match="not found"):  # fvcore's Checkpointer.load
+        evaluate(f"train.trainable_checkpoint={tmp_path / 'tsak.pth'}")
+    with pytest.raises(ConfigOverrideError, match="train.trainable_checkpoint"):
+        evaluate(f"train.trainable_checkpont={task}")

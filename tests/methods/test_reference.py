@@ -1,12 +1,14 @@
 """An independent reference of E3VA's equations (projects/E3VA/README.md), in plain torch ops.
 
 From the trunk's own blocks (run without any side network: their inputs, post-attention residuals and
-outputs recorded by hooks) and the highway's factor tensors (not its ``forward``), compute
+outputs recorded by hooks) and the side network's weights (the highway's factor tensors, the mixers'
+Linear weights; not their ``forward``), compute
 
     d_j = d_{j-1} + A_j(F1_j) + M_j(F2_j),   F1_j = h_j - x_{j-1},   F2_j = x_j - h_j
     A(z) = (U_up V_up) gelu((U_down V_down) z + b_down) + b_up,   W = U1 V1 + U2 V2
     p_s = norm_s(x_end + d_end),   d_start(next) = PM(x_end + d_end) - PM(x_end)      (Swin)
     out = x_L + d_L                                                                      (ViT)
+    a_l = a_{l-1} + g_l(b_l + a_{l-1}), tokens mixed within windows, out = b_L + a_L     (LoSA, both)
 
 and compare with the backbones' outputs, side networks perturbed off zero, at an odd input size.
 """
@@ -164,3 +166,23 @@ def test_swin_losa_equals_its_recurrence():
     got = model(image)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+def test_vit_losa_equals_its_recurrence():
+    """On ViT: one stage, no merging, output ``b_L + a_L``; 3x3 windows on a 4x4 token grid need padding."""
+    torch.manual_seed(0)
+    w = 3
+    model = E3VAViT("nano", tuning="losa", img_size=64, window_size=w)
+    perturb(model.losa, scale=0.05, seed=1)
+    image = torch.rand(1, 3, 64, 64) * 255
+    calls, trunk_out = _block_calls(model.trunk, list(model.trunk.blocks), image)
+    trunk_out = trunk_out["last_feat"]
+    a = 0
+    with torch.no_grad():
+        for mixer, (_, _, b, _) in zip(model.losa.mixers[0], calls):
+            B, H, W, C = b.shape  # ViT blocks map (B, H, W, C)
+            a = a + _losa_update(mixer, (b + a).reshape(B, H * W, C), H, W, w).view(B, H, W, C)
+    expected = trunk_out + a.permute(0, 3, 1, 2)
+    got = model(image)["last_feat"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - trunk_out).abs().max() > 1e-2
