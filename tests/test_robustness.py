@@ -238,3 +238,53 @@ def test_export_trainable_refuses_an_output_equal_to_an_input(tmp_path):
         with pytest.raises(SystemExit, match="would replace that file"):
             load_tool("export_trainable").main(["--config-file", SHAPES, *flags, "--output", str(weights)])
     assert weights.read_bytes() == b"full checkpoint"
+
+
+# ------------------------------------------------------------------------------ resume onto another model
+def _checkpointer(out: Path, tuning: str = "e3va", **bottom_up):
+    """A nano detector's checkpointer with an optimizer, as training builds it (seeded: same base)."""
+    from detectron2.config import instantiate
+
+    from e3va import E3VACheckpointer
+    from helpers import load_config as load_model_config, make_tiny
+
+    cfg = load_model_config("common/models/mask_rcnn_swin_e3va.py")
+    make_tiny(cfg, tuning).update(**bottom_up)
+    cfg.model.roi_heads.num_classes = 3
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    return E3VACheckpointer(model, str(out), optimizer=optimizer)
+
+
+@pytest.mark.parametrize(
+    "bottom_up, recorded, needles",
+    [
+        ({"tuning": "lora"}, True, ["tuning='e3va'", "model.backbone.bottom_up.tuning=e3va"]),
+        ({"rank": 2}, True, ["shape mismatches", "rank"]),
+        ({"tuning": "lora"}, False, ["tensors missing from the file", "model.backbone.bottom_up.tuning="]),
+    ],
+    ids=["other_method", "other_rank", "other_method_file_without_record"],
+)
+def test_resume_onto_a_full_checkpoint_of_another_model_is_refused_before_loading(
+        tmp_path, bottom_up, recorded, needles):
+    from e3va.trainable import TUNING_KEY, TrainableCheckpointError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    _checkpointer(out).save("model_final")  # a full checkpoint of an e3va run, with its optimizer state
+    if not recorded:  # as written before full checkpoints recorded their method
+        data = torch.load(out / "model_final.pth", weights_only=True)
+        del data[TUNING_KEY]
+        torch.save(data, out / "model_final.pth")
+    before = _hashes(out)
+    resumed = _checkpointer(out, **{"tuning": "e3va", **bottom_up})
+    state = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    with pytest.raises(TrainableCheckpointError) as err:
+        resumed.resume_or_load("", resume=True)
+    for needle in needles + ["Nothing was loaded"]:
+        assert needle in str(err.value)
+    assert all(torch.equal(v, state[k]) for k, v in resumed.model.state_dict().items())
+    assert not resumed.checkpointables["optimizer"].state_dict()["state"]
+    assert _hashes(out) == before
+    _checkpointer(out).resume_or_load("", resume=True)  # the model it was trained as resumes

@@ -38,6 +38,7 @@ from .trainable import (
     SIDE_NETWORK_KEY,
     TRAINABLE_META_KEY,
     apply_trainable,
+    check_resumable,
     check_side_network,
     full_checkpoint,
     holds_side_network,
@@ -103,6 +104,7 @@ class E3VACheckpointer(DetectionCheckpointer):
         self.trainable_only = trainable_only
         self.config = config  # stored in trainable-only checkpoints, to say what they were trained with
         self.allow_unsafe_pickle = allow_unsafe_pickle
+        self._resuming = False  # set by resume_or_load while it loads the last checkpoint
 
     # ---- writing
     def save(self, name: str, **kwargs: Any) -> None:
@@ -182,9 +184,12 @@ class E3VACheckpointer(DetectionCheckpointer):
                 "the frozen base weights."
             )
             return None
+        url = self._parsed_url_during_load
+        source = url.geturl() if url else "checkpoint"
+        if self._resuming:  # before the model and then the optimizer take anything from it
+            check_resumable(self.model, checkpoint, source)
         if holds_side_network(checkpoint["model"]) and side_network_of(self.model):
-            url = self._parsed_url_during_load
-            check_side_network(self.model, checkpoint.get(SIDE_NETWORK_KEY), url.geturl() if url else "checkpoint")
+            check_side_network(self.model, checkpoint.get(SIDE_NETWORK_KEY), source)
         checkpoint["model"] = align_with_wrapped_layers(checkpoint["model"], self.model.state_dict().keys())
         return super()._load_model(checkpoint)
 
@@ -201,5 +206,11 @@ class E3VACheckpointer(DetectionCheckpointer):
             if self._holds_trainable_only(last) and path:
                 self.logger.info(f"{last} holds the trainable part only: loading the base weights {path} first.")
                 self.load(path, checkpointables=[])
-            return self.load(last)
+            # A full checkpoint must come from a model built as this one (method, shapes): the optimizer's
+            # state is restored by position, so a mismatch would otherwise crash inside its first step.
+            self._resuming = True
+            try:
+                return self.load(last)
+            finally:
+                self._resuming = False
         return self.load(path, checkpointables=[])
