@@ -288,3 +288,22 @@ def test_resume_onto_a_full_checkpoint_of_another_model_is_refused_before_loadin
     assert not resumed.checkpointables["optimizer"].state_dict()["state"]
     assert _hashes(out) == before
     _checkpointer(out).resume_or_load("", resume=True)  # the model it was trained as resumes
+
+
+def test_export_trainable_refuses_weights_with_nothing_trained_and_swapped_arguments(tmp_path):
+    from e3va import NANO_SWIN_WEIGHTS
+    from e3va.trainable import TRAINABLE_META_KEY
+
+    export = load_tool("export_trainable").main
+    task = tmp_path / "task.pth"
+    with pytest.raises(SystemExit) as err:  # the pretrained trunk: no heads, no side network
+        export(["--config-file", SHAPES, "--weights", str(NANO_SWIN_WEIGHTS), "--output", str(task)])
+    for needle in ["lacks", "roi_heads.box_head", "backbone.bottom_up (", "random heads"]:
+        assert needle in str(err.value)
+    assert not task.exists()
+
+    torch.save({"model": {}, TRAINABLE_META_KEY: {"format": "e3va-trainable/1"}}, task)
+    with pytest.raises(SystemExit, match="look swapped"):
+        export(["--config-file", SHAPES, "--weights", str(task), "--merge", str(NANO_SWIN_WEIGHTS),
+                "--output", str(tmp_path / "merged.pth")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task.pth"]

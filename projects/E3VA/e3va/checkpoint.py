@@ -74,7 +74,8 @@ def _find_swin_trunk(model: nn.Module) -> Tuple[str, nn.Module]:
     return (f"{name}.trunk." if name else "trunk."), backbone.trunk
 
 
-def _is_timm_model_name(path: str) -> bool:
+def is_timm_model_name(path: str) -> bool:
+    """True when ``path`` is no file or URL but a timm model name (whose pretrained weights timm fetches)."""
     if not path or os.path.exists(path) or "://" in path or path.endswith((".pth", ".pt", ".pkl", ".pyth")):
         return False
     return timm.is_model(path)
@@ -163,7 +164,7 @@ class E3VACheckpointer(DetectionCheckpointer):
     def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         """As Detectron2's, and ``path`` may also be a timm model name such as
         ``swin_base_patch4_window7_224.ms_in22k`` (timm fetches the weights)."""
-        if not _is_timm_model_name(path):
+        if not is_timm_model_name(path):
             return super().load(path, *args, **kwargs)
         self.logger.info(f"[E3VACheckpointer] Loading timm model {path} ...")
         incompatible = self._load_model({"model": self._swin_classification_to_model(load_swin_pretrained(path), path)})
@@ -193,10 +194,19 @@ class E3VACheckpointer(DetectionCheckpointer):
         checkpoint["model"] = align_with_wrapped_layers(checkpoint["model"], self.model.state_dict().keys())
         return super()._load_model(checkpoint)
 
-    def _holds_trainable_only(self, path: str) -> bool:
+    def peek(self, path: str) -> Dict[str, Any]:
+        """The checkpoint ``path`` (a file or URL) as stored, its tensors memory-mapped (cheap even for a
+        multi-GB file), nothing loaded into the model; ``{}`` for a timm model name."""
+        if is_timm_model_name(path):
+            return {}
         local = self.path_manager.get_local_path(path)
-        try:  # mmap: only the keys are read, even from a multi-GB full checkpoint
-            return is_trainable_checkpoint(torch.load(local, map_location="cpu", weights_only=True, mmap=True))
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+        return read_checkpoint_file(local, allow_unsafe_pickle=self.allow_unsafe_pickle, mmap=True)
+
+    def _holds_trainable_only(self, path: str) -> bool:
+        try:
+            return is_trainable_checkpoint(self.peek(path))
         except Exception:  # let load() report the problem with its full message
             return False
 

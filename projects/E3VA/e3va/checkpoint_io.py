@@ -32,16 +32,20 @@ def unsafe_pickle_allowed(allow: Optional[bool]) -> bool:
     return allow if allow is not None else os.environ.get(ALLOW_UNSAFE_PICKLE_ENV, "") == "1"
 
 
-def read_checkpoint_file(path: str, *, allow_unsafe_pickle: Optional[bool] = None) -> Dict[str, Any]:
+def read_checkpoint_file(path: str, *, allow_unsafe_pickle: Optional[bool] = None,
+                         mmap: bool = False) -> Dict[str, Any]:
     """``torch.load(path, weights_only=True)`` on the CPU, with errors that say what to do.
 
     A file that holds more than tensors and plain containers is refused, with the opt-in spelled out;
     a truncated or corrupted file raises :class:`CheckpointReadError` (nothing is loaded anywhere).
-    ``allow_unsafe_pickle=None`` reads the ``E3VA_ALLOW_UNSAFE_PICKLE`` environment variable.
+    ``allow_unsafe_pickle=None`` reads the ``E3VA_ALLOW_UNSAFE_PICKLE`` environment variable. ``mmap=True``
+    maps the tensors instead of reading them (cheap for looking at a large file's names and shapes); it
+    applies to the zip archives ``torch.save`` writes, other files are read whole.
     """
     unsafe = unsafe_pickle_allowed(allow_unsafe_pickle)
+    mmap = mmap and not unsafe and zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe)
+        return torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=mmap)
     except pickle.UnpicklingError as e:
         if not unsafe and not zipfile.is_zipfile(path):
             # torch.save writes zip archives; anything else is damaged, or a plain pickle.

@@ -37,6 +37,7 @@ __all__ = [
     "full_checkpoint",
     "holds_side_network",
     "load_trainable",
+    "missing_trainable",
     "save_trainable",
     "trainable_checkpoint",
     "trainable_metadata",
@@ -178,6 +179,17 @@ def _fit_problems(expected: Mapping[str, torch.Tensor], saved: Mapping[str, Any]
     return problems
 
 
+def _without_ddp_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """``state_dict`` without DistributedDataParallel's ``module.`` prefix, which Detectron2's loader strips too."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def missing_trainable(model: nn.Module, state_dict: Mapping[str, Any]) -> List[str]:
+    """The names of the tensors ``model`` trains (:func:`trainable_state_dict`) that the full state dict
+    ``state_dict`` lacks: a file without them was not trained as this model (e.g. pretrained trunk weights)."""
+    return sorted(set(trainable_state_dict(model)) - set(_without_ddp_prefix(state_dict)))
+
+
 def check_resumable(model: nn.Module, checkpoint: Mapping[str, Any], source: str = "checkpoint") -> None:
     """Raises :class:`TrainableCheckpointError` unless the full checkpoint ``checkpoint`` was written by a
     model built as ``model`` is: the same tuning method (when the file records it) and the same tensor names
@@ -192,9 +204,8 @@ def check_resumable(model: nn.Module, checkpoint: Mapping[str, Any], source: str
             "or model.backbone.net.tuning=... on ViT configs), or start a new run in another train.output_dir. "
             "Nothing was loaded."
         )
-    # DistributedDataParallel's prefix, which Detectron2's loader strips as well.
-    saved = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["model"].items()}
-    problems = _fit_problems(_unwrap(model).state_dict(), saved, "tensors missing from the file",
+    problems = _fit_problems(_unwrap(model).state_dict(), _without_ddp_prefix(checkpoint["model"]),
+                             "tensors missing from the file",
                              "tensors the model does not have")
     if problems:
         hint = (f"it was trained with tuning={recorded!r}, as this model is: were its shapes (rank, "
