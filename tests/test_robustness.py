@@ -307,3 +307,25 @@ def test_export_trainable_refuses_weights_with_nothing_trained_and_swapped_argum
         export(["--config-file", SHAPES, "--weights", str(task), "--merge", str(NANO_SWIN_WEIGHTS),
                 "--output", str(tmp_path / "merged.pth")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["task.pth"]
+
+
+# ------------------------------------------------------------------------------------------- data roots
+@pytest.mark.parametrize("relpath, root", [
+    ("COCO/mask_rcnn_swin_t_e3va.py", "coco"),
+    ("COCO/mask_rcnn_vit_b_e3va.py", "coco"),
+    ("ADE20K/upernet_swin_b_e3va.py", "ADEChallengeData2016"),
+])
+def test_coco_and_ade20k_configs_check_their_dataset_roots(relpath, root):
+    from detectron2.config import instantiate
+
+    from e3va.data.roots import DatasetRootError
+
+    cfg = load_config(str(REPO / "configs" / relpath))
+    for split in ("train", "test"):
+        try:
+            instantiate(cfg.dataloader[split].dataset)
+        except DatasetRootError as error:  # not Detectron2's bare FileNotFoundError on one file
+            assert "Expected layout: $DETECTRON2_DATASETS/" + root in str(error)
+            assert "export DETECTRON2_DATASETS=" in str(error)
+        else:
+            pytest.skip(f"{root} is installed here: nothing is missing.")
