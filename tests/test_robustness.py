@@ -329,3 +329,35 @@ def test_coco_and_ade20k_configs_check_their_dataset_roots(relpath, root):
             assert "export DETECTRON2_DATASETS=" in str(error)
         else:
             pytest.skip(f"{root} is installed here: nothing is missing.")
+
+
+def test_empty_and_out_of_image_boxes_are_dropped_with_a_count(tmp_path, caplog):
+    import json
+    import logging
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from e3va.data.roots import dataset_dicts
+
+    boxes = {1: [[10, 10, 20, 20], [5, 5, 0, 12]], 2: [[100, 70, 10, 10]], 3: [[30, 30, 8, 0.5]]}  # XYWH
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 64} for i in boxes],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"id": 10 * i + k, "image_id": i, "bbox": b, "category_id": 1, "iscrowd": 0,
+                         "area": b[2] * b[3]} for i, bs in boxes.items() for k, b in enumerate(bs)],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    name = "coco_e3va_degenerate_boxes"  # coco_: its root is checked like a builtin's
+    register_coco_instances(name, {}, str(tmp_path / "instances.json"), str(tmp_path))
+    log = logging.getLogger("e3va.data.annotations")
+    log.addHandler(caplog.handler)  # whatever an earlier test did to the "e3va" logger's propagation
+    try:
+        dicts = dataset_dicts(name)
+    finally:
+        log.removeHandler(caplog.handler)
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    assert [(d["image_id"], [a["bbox"] for a in d["annotations"]]) for d in dicts] == [
+        (1, [[10, 10, 20, 20]]), (3, [[30, 30, 8, 0.5]])]  # image 2 had only a box outside: dropped
+    assert "Dropped 2 annotation(s) in 2 image(s) of coco_e3va_degenerate_boxes" in caplog.text
