@@ -361,3 +361,18 @@ def test_empty_and_out_of_image_boxes_are_dropped_with_a_count(tmp_path, caplog)
     assert [(d["image_id"], [a["bbox"] for a in d["annotations"]]) for d in dicts] == [
         (1, [[10, 10, 20, 20]]), (3, [[30, 30, 8, 0.5]])]  # image 2 had only a box outside: dropped
     assert "Dropped 2 annotation(s) in 2 image(s) of coco_e3va_degenerate_boxes" in caplog.text
+
+
+# ----------------------------------------------------------------------------------- the smaller ones
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(tuning="lora", rank=True), "rank must be a positive integer"),  # bool is an int: was rank 1
+    (dict(tuning="bitfit", saved_input_dtype="float32"), "tuning='bitfit' has no side network"),
+    (dict(tuning="lora", fused_adapters=False), "tuning='lora' has no side network"),
+    (dict(tuning="e3va", fused_adapters="no"), "fused_adapters must be True or False"),
+])
+def test_bool_ranks_and_options_a_method_does_not_use_are_refused(kwargs, needle):
+    from e3va import E3VASwin
+
+    with pytest.raises(ValueError, match=needle):
+        E3VASwin("nano", **kwargs)
+    E3VASwin("nano", tuning="bitfit", saved_input_dtype="bfloat16", fused_adapters=True)  # the defaults: fine

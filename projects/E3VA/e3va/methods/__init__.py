@@ -6,6 +6,7 @@ what a method is and how to add one.
 """
 from .base import (
     METHOD_OPTIONS,
+    SIDE_NETWORK_OPTIONS,
     TUNING_METHODS,
     SideNetwork,
     SideTaps,
@@ -26,6 +27,7 @@ __all__ = [
     "ADAPTER_ARRANGEMENTS",
     "ADAPTER_INPUTS",
     "METHOD_OPTIONS",
+    "SIDE_NETWORK_OPTIONS",
     "TUNING_METHODS",
     "AdapterHighway",
     "AdapterSpec",
