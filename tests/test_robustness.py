@@ -376,3 +376,48 @@ def test_bool_ranks_and_options_a_method_does_not_use_are_refused(kwargs, needle
     with pytest.raises(ValueError, match=needle):
         E3VASwin("nano", **kwargs)
     E3VASwin("nano", tuning="bitfit", saved_input_dtype="bfloat16", fused_adapters=True)  # the defaults: fine
+
+
+def test_load_trainable_of_a_missing_file_and_save_trainable_to_a_directory_say_so(tmp_path):
+    from e3va import E3VASwin, load_trainable, save_trainable
+
+    model = E3VASwin("nano")
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth does not exist"):  # not "0 bytes ... truncated"
+        load_trainable(model, tmp_path / "missing.pth")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        save_trainable(model, tmp_path / "out")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["out"]  # no stray .tmp
+
+
+@pytest.mark.parametrize("source, needles", [
+    ("https://example.invalid/weights/swin_tiny_patch4_window7_224.pth",
+     ["URLError", "train.init_checkpoint=/path/to/swin_tiny_patch4_window7_224.pth"]),
+    ("swin_base_patch4_window7_224.ms_in22k",
+     ["timm model swin_base_patch4_window7_224.ms_in22k", "LocalEntryNotFoundError",
+      "https://github.com/SwinTransformer/storage/", "train.init_checkpoint=/path/to/swin_base_patch4_window7_224_22k.pth"]),
+], ids=["url", "timm_name"])
+def test_an_offline_run_says_which_file_to_download_and_where_to_point_it(source, needles, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    import timm
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from e3va import E3VACheckpointer
+    from e3va.checkpoint_io import WeightsDownloadError
+    from helpers import tiny_detector
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    def offline_hub(*args, **kwargs):
+        raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache and outgoing traffic "
+                                      "has been disabled.")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    monkeypatch.setattr(timm, "create_model", offline_hub)
+    with pytest.raises(WeightsDownloadError) as err:
+        E3VACheckpointer(tiny_detector("common/models/mask_rcnn_swin_e3va.py")).load(source)
+    for needle in needles + ["Offline?"]:
+        assert needle in str(err.value)

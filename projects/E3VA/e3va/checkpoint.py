@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any, Dict, Optional, Tuple
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -23,6 +24,7 @@ from .checkpoint_io import (
     ALLOW_UNSAFE_PICKLE_ENV,
     CheckpointReadError,
     align_with_wrapped_layers,
+    explain_download_failure,
     read_checkpoint_file,
     unsafe_pickle_allowed,
 )
@@ -165,6 +167,9 @@ class E3VACheckpointer(DetectionCheckpointer):
         """As Detectron2's, and ``path`` may also be a timm model name such as
         ``swin_base_patch4_window7_224.ms_in22k`` (timm fetches the weights)."""
         if not is_timm_model_name(path):
+            if "://" in path:  # fetch first (cached), so that an offline run says which file to download
+                with explain_download_failure(path):
+                    self.path_manager.get_local_path(urlparse(path)._replace(query="").geturl())
             return super().load(path, *args, **kwargs)
         self.logger.info(f"[E3VACheckpointer] Loading timm model {path} ...")
         incompatible = self._load_model({"model": self._swin_classification_to_model(load_swin_pretrained(path), path)})
@@ -200,8 +205,6 @@ class E3VACheckpointer(DetectionCheckpointer):
         if is_timm_model_name(path):
             return {}
         local = self.path_manager.get_local_path(path)
-        if not os.path.isfile(local):
-            raise FileNotFoundError(f"Checkpoint {path} does not exist.")
         return read_checkpoint_file(local, allow_unsafe_pickle=self.allow_unsafe_pickle, mmap=True)
 
     def _holds_trainable_only(self, path: str) -> bool:
