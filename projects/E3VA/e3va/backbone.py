@@ -17,16 +17,8 @@ import torch
 from detectron2.modeling.backbone import Backbone
 from torch import nn
 
-from .methods import (
-    SIDE_NETWORK_OPTIONS,
-    SideNetwork,
-    SideTaps,
-    TrunkLayout,
-    TuningMethod,
-    TuningOptions,
-    check_choice,
-    get_tuning_method,
-)
+from .methods import SIDE_NETWORK_OPTIONS, SideNetwork, SideTaps, TrunkLayout, TuningMethod, TuningOptions
+from .methods import check_choice, get_tuning_method
 from .side_memory import CompactInput, Packed, RecomputedFromCompactInput
 
 __all__ = [
