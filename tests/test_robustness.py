@@ -238,3 +238,186 @@ def test_export_trainable_refuses_an_output_equal_to_an_input(tmp_path):
         with pytest.raises(SystemExit, match="would replace that file"):
             load_tool("export_trainable").main(["--config-file", SHAPES, *flags, "--output", str(weights)])
     assert weights.read_bytes() == b"full checkpoint"
+
+
+# ------------------------------------------------------------------------------ resume onto another model
+def _checkpointer(out: Path, tuning: str = "e3va", **bottom_up):
+    """A nano detector's checkpointer with an optimizer, as training builds it (seeded: same base)."""
+    from detectron2.config import instantiate
+
+    from e3va import E3VACheckpointer
+    from helpers import load_config as load_model_config, make_tiny
+
+    cfg = load_model_config("common/models/mask_rcnn_swin_e3va.py")
+    make_tiny(cfg, tuning).update(**bottom_up)
+    cfg.model.roi_heads.num_classes = 3
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    return E3VACheckpointer(model, str(out), optimizer=optimizer)
+
+
+@pytest.mark.parametrize(
+    "bottom_up, recorded, needles",
+    [
+        ({"tuning": "lora"}, True, ["tuning='e3va'", "model.backbone.bottom_up.tuning=e3va"]),
+        ({"rank": 2}, True, ["shape mismatches", "rank"]),
+        ({"tuning": "lora"}, False, ["tensors missing from the file", "model.backbone.bottom_up.tuning="]),
+    ],
+    ids=["other_method", "other_rank", "other_method_file_without_record"],
+)
+def test_resume_onto_a_full_checkpoint_of_another_model_is_refused_before_loading(
+        tmp_path, bottom_up, recorded, needles):
+    from e3va.trainable import TUNING_KEY, TrainableCheckpointError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    _checkpointer(out).save("model_final")  # a full checkpoint of an e3va run, with its optimizer state
+    if not recorded:  # as written before full checkpoints recorded their method
+        data = torch.load(out / "model_final.pth", weights_only=True)
+        del data[TUNING_KEY]
+        torch.save(data, out / "model_final.pth")
+    before = _hashes(out)
+    resumed = _checkpointer(out, **{"tuning": "e3va", **bottom_up})
+    state = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    with pytest.raises(TrainableCheckpointError) as err:
+        resumed.resume_or_load("", resume=True)
+    for needle in needles + ["Nothing was loaded"]:
+        assert needle in str(err.value)
+    assert all(torch.equal(v, state[k]) for k, v in resumed.model.state_dict().items())
+    assert not resumed.checkpointables["optimizer"].state_dict()["state"]
+    assert _hashes(out) == before
+    _checkpointer(out).resume_or_load("", resume=True)  # the model it was trained as resumes
+
+
+def test_export_trainable_refuses_weights_with_nothing_trained_and_swapped_arguments(tmp_path):
+    from e3va import NANO_SWIN_WEIGHTS
+    from e3va.trainable import TRAINABLE_META_KEY
+
+    export = load_tool("export_trainable").main
+    task = tmp_path / "task.pth"
+    with pytest.raises(SystemExit) as err:  # the pretrained trunk: no heads, no side network
+        export(["--config-file", SHAPES, "--weights", str(NANO_SWIN_WEIGHTS), "--output", str(task)])
+    for needle in ["lacks", "roi_heads.box_head", "backbone.bottom_up (", "random heads"]:
+        assert needle in str(err.value)
+    assert not task.exists()
+
+    torch.save({"model": {}, TRAINABLE_META_KEY: {"format": "e3va-trainable/1"}}, task)
+    with pytest.raises(SystemExit, match="look swapped"):
+        export(["--config-file", SHAPES, "--weights", str(task), "--merge", str(NANO_SWIN_WEIGHTS),
+                "--output", str(tmp_path / "merged.pth")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task.pth"]
+
+
+# ------------------------------------------------------------------------------------------- data roots
+@pytest.mark.parametrize("relpath, root", [
+    ("COCO/mask_rcnn_swin_t_e3va.py", "coco"),
+    ("COCO/mask_rcnn_vit_b_e3va.py", "coco"),
+    ("ADE20K/upernet_swin_b_e3va.py", "ADEChallengeData2016"),
+])
+def test_coco_and_ade20k_configs_check_their_dataset_roots(relpath, root):
+    from detectron2.config import instantiate
+
+    from e3va.data.roots import DatasetRootError
+
+    cfg = load_config(str(REPO / "configs" / relpath))
+    for split in ("train", "test"):
+        try:
+            instantiate(cfg.dataloader[split].dataset)
+        except DatasetRootError as error:  # not Detectron2's bare FileNotFoundError on one file
+            assert "Expected layout: $DETECTRON2_DATASETS/" + root in str(error)
+            assert "export DETECTRON2_DATASETS=" in str(error)
+        else:
+            pytest.skip(f"{root} is installed here: nothing is missing.")
+
+
+def test_empty_and_out_of_image_boxes_are_dropped_with_a_count(tmp_path, caplog):
+    import json
+    import logging
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from e3va.data.roots import dataset_dicts
+
+    boxes = {1: [[10, 10, 20, 20], [5, 5, 0, 12]], 2: [[100, 70, 10, 10]], 3: [[30, 30, 8, 0.5]]}  # XYWH
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 64} for i in boxes],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"id": 10 * i + k, "image_id": i, "bbox": b, "category_id": 1, "iscrowd": 0,
+                         "area": b[2] * b[3]} for i, bs in boxes.items() for k, b in enumerate(bs)],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    name = "coco_e3va_degenerate_boxes"  # coco_: its root is checked like a builtin's
+    register_coco_instances(name, {}, str(tmp_path / "instances.json"), str(tmp_path))
+    log = logging.getLogger("e3va.data.annotations")
+    log.addHandler(caplog.handler)  # whatever an earlier test did to the "e3va" logger's propagation
+    try:
+        dicts = dataset_dicts(name)
+    finally:
+        log.removeHandler(caplog.handler)
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    assert [(d["image_id"], [a["bbox"] for a in d["annotations"]]) for d in dicts] == [
+        (1, [[10, 10, 20, 20]]), (3, [[30, 30, 8, 0.5]])]  # image 2 had only a box outside: dropped
+    assert "Dropped 2 annotation(s) in 2 image(s) of coco_e3va_degenerate_boxes" in caplog.text
+
+
+# ----------------------------------------------------------------------------------- the smaller ones
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(tuning="lora", rank=True), "rank must be a positive integer"),  # bool is an int: was rank 1
+    (dict(tuning="bitfit", saved_input_dtype="float32"), "tuning='bitfit' has no side network"),
+    (dict(tuning="lora", fused_adapters=False), "tuning='lora' has no side network"),
+    (dict(tuning="e3va", fused_adapters="no"), "fused_adapters must be True or False"),
+])
+def test_bool_ranks_and_options_a_method_does_not_use_are_refused(kwargs, needle):
+    from e3va import E3VASwin
+
+    with pytest.raises(ValueError, match=needle):
+        E3VASwin("nano", **kwargs)
+    E3VASwin("nano", tuning="bitfit", saved_input_dtype="bfloat16", fused_adapters=True)  # the defaults: fine
+
+
+def test_load_trainable_of_a_missing_file_and_save_trainable_to_a_directory_say_so(tmp_path):
+    from e3va import E3VASwin, load_trainable, save_trainable
+
+    model = E3VASwin("nano")
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth does not exist"):  # not "0 bytes ... truncated"
+        load_trainable(model, tmp_path / "missing.pth")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        save_trainable(model, tmp_path / "out")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["out"]  # no stray .tmp
+
+
+@pytest.mark.parametrize("source, needles", [
+    ("https://example.invalid/weights/swin_tiny_patch4_window7_224.pth",
+     ["URLError", "train.init_checkpoint=/path/to/swin_tiny_patch4_window7_224.pth"]),
+    ("swin_base_patch4_window7_224.ms_in22k",
+     ["timm model swin_base_patch4_window7_224.ms_in22k", "LocalEntryNotFoundError",
+      "https://github.com/SwinTransformer/storage/", "train.init_checkpoint=/path/to/swin_base_patch4_window7_224_22k.pth"]),
+], ids=["url", "timm_name"])
+def test_an_offline_run_says_which_file_to_download_and_where_to_point_it(source, needles, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    import timm
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from e3va import E3VACheckpointer
+    from e3va.checkpoint_io import WeightsDownloadError
+    from helpers import tiny_detector
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    def offline_hub(*args, **kwargs):
+        raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache and outgoing traffic "
+                                      "has been disabled.")
+
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    monkeypatch.setattr(timm, "create_model", offline_hub)
+    with pytest.raises(WeightsDownloadError) as err:
+        E3VACheckpointer(tiny_detector("common/models/mask_rcnn_swin_e3va.py")).load(source)
+    for needle in needles + ["Offline?"]:
+        assert needle in str(err.value)

@@ -16,6 +16,9 @@ prediction (argmax of ``sem_seg``) when the model has one, and with ``--dataset`
 Trailing ``KEY=VALUE`` arguments override the config, as in tools/lazyconfig_train_net.py (also right
 after the ``--input`` or ``--weights`` lists); a CUDA config runs on a machine without CUDA with
 ``train.device=cpu``.
+
+An image that cannot be read (corrupted, truncated, not an image) is named and skipped; the others are drawn,
+and the tool then exits with status 1. 16-bit grayscale images are drawn at their 16-bit range.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from e3va.overrides import ConfigOverrideError, apply_overrides
 from e3va.data.roots import DatasetRootError, UnknownDatasetError, require_dataset_root
-from e3va.predictor import LazyPredictor, config_device
+from e3va.predictor import ImageReadError, LazyPredictor, config_device
 from e3va.visualize import draw_ground_truth, draw_predictions, save_panels
 
 logger = logging.getLogger("e3va")
@@ -160,8 +163,9 @@ def jobs(args: argparse.Namespace) -> Tuple[List[Tuple[Path, Optional[Dict]]], O
     return [(p, None) for p in images], None
 
 
-def visualize(args: argparse.Namespace) -> List[Path]:
-    """Draws and writes every image; returns the written paths."""
+def visualize(args: argparse.Namespace) -> Tuple[List[Path], List[str]]:
+    """Draws and writes every image; returns the written paths and, for each image that could not be
+    read (skipped, so that one bad file does not cost the batch), why."""
     cfg = load_config(args.config_file, args.opts)
     check_weights(args.weights)
     todo, dataset = jobs(args)  # before building the model: bad data fails fast
@@ -175,9 +179,15 @@ def visualize(args: argparse.Namespace) -> List[Path]:
 
     output = Path(args.output)
     used: Dict[str, int] = {}
-    written = []
+    written: List[Path] = []
+    unreadable: List[str] = []
     for image_path, record in todo:
-        image = predictor.read(str(image_path))
+        try:
+            image = predictor.read(str(image_path))
+        except ImageReadError as error:
+            logger.error(f"Skipping {image_path}: {error}")
+            unreadable.append(str(error))
+            continue
         outputs = predictor(image)
         rgb = predictor.to_rgb(image)
         panels = draw_predictions(rgb, outputs, metadata, args.score_thresh, args.scale)
@@ -186,20 +196,26 @@ def visualize(args: argparse.Namespace) -> List[Path]:
         written.append(save_panels(output_path(output, image_path, used), panels))
         num = len(outputs["instances"]) if "instances" in outputs else 0
         logger.info(f"{image_path} -> {written[-1]} ({num} instances before the score threshold)")
-    return written
+    return written, unreadable
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
-    """The command line; returns the written PNG paths. Bad arguments exit with status 2 and a message."""
+    """The command line; returns the written PNG paths. Bad arguments exit with status 2 and a message;
+    unreadable images, after the others are drawn, with status 1 and their names."""
     args = parse_args(argv)
     setup_logger(name="e3va", abbrev_name="e3va")
     setup_logger(name="detectron2", abbrev_name="d2")
     try:
-        written = visualize(args)
+        written, unreadable = visualize(args)
     except UsageError as error:
         print(f"visualize_predictions: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"Wrote {len(written)} image(s) to {args.output}")
+    if unreadable:
+        listed = "\n  ".join(unreadable)
+        print(f"visualize_predictions: error: skipped {len(unreadable)} unreadable image(s):\n  {listed}",
+              file=sys.stderr)
+        raise SystemExit(1)
     return written
 
 

@@ -32,12 +32,12 @@ from detectron2.data import (
     DatasetMapper,
     build_detection_test_loader,
     build_detection_train_loader,
-    get_detection_dataset_dicts,
 )
 from detectron2.evaluation import SemSegEvaluator
 from detectron2.solver import WarmupParamScheduler
 
 from e3va import SWIN_PRETRAINED_URLS
+from e3va.data.roots import dataset_dicts
 from e3va.data.sem_seg import load_sem_seg_label
 
 from ..common.models.semantic_seg_swin_e3va import model
@@ -51,10 +51,11 @@ model.backbone.bottom_up.window_size = 12
 model.backbone.bottom_up.drop_path_rate = 0.3
 model.sem_seg_head.num_classes = 150
 
-# ---- data: Detectron2's builtin ADE20K registration and DatasetMapper (sem_seg_file_name -> "sem_seg")
+# ---- data: Detectron2's builtin ADE20K registration and DatasetMapper (sem_seg_file_name -> "sem_seg");
+# dataset_dicts checks the files first: a missing root names the expected layout (e3va.data.roots).
 dataloader = OmegaConf.create()
 dataloader.train = L(build_detection_train_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="ade20k_sem_seg_train"),
+    dataset=L(dataset_dicts)(names="ade20k_sem_seg_train"),
     mapper=L(DatasetMapper)(
         is_train=True,
         augmentations=[
@@ -74,7 +75,7 @@ dataloader.train = L(build_detection_train_loader)(
     num_workers=4,
 )
 dataloader.test = L(build_detection_test_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="ade20k_sem_seg_val", filter_empty=False),
+    dataset=L(dataset_dicts)(names="ade20k_sem_seg_val", filter_empty=False),
     mapper=L(DatasetMapper)(
         is_train=False,
         augmentations=[L(T.ResizeShortestEdge)(short_edge_length=CROP, max_size=4 * CROP)],

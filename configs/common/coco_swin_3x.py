@@ -5,9 +5,9 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
+from .coco_data import dataloader  # dataset roots checked
 from .models.swin_input import SWIN_IMAGE_FORMAT
 
-dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 dataloader.train.mapper.image_format = SWIN_IMAGE_FORMAT  # the test mapper follows it
 dataloader.train.mapper.augmentations = [
     L(T.ResizeShortestEdge)(

@@ -13,9 +13,10 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from e3va import VIT_PRETRAINED_CHECKPOINTS
 
+from .coco_data import dataloader  # dataset roots checked
+
 IMAGE_SIZE = 1024
 
-dataloader = model_zoo.get_config("common/data/coco.py").dataloader
 dataloader.train.mapper.image_format = "RGB"  # as MAE's pretraining; the test mapper follows it
 dataloader.train.mapper.recompute_boxes = True  # the crop cuts masks: boxes are taken from them again
 dataloader.train.mapper.augmentations = [

@@ -195,6 +195,14 @@ def test_missing_sample_image_is_named(tmp_path, capsys, restore_loggers):
     assert "--sample-image" in err and "nope.png" in err
 
 
+def test_a_mistyped_override_names_the_closest_keys_and_writes_nothing(tmp_path, capsys, restore_loggers):
+    torch.save({"model": {}}, tmp_path / "model.pth")
+    _sample_image(tmp_path / "sample.png")
+    err = _main_error(capsys, [*_argv(tmp_path), "model.roi_heads.box_predictor.test_topk_per_imag=10"])
+    assert "did you mean test_topk_per_image" in err  # checked by e3va.overrides, as in the other tools
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_format_lists_the_accepted_ones(tmp_path, capsys):
     err = _main_error(capsys, _argv(tmp_path, **{"--format": "tflite"}))
     assert "'tflite'" in err and "torchscript" in err and "onnx" in err

@@ -133,6 +133,25 @@ def test_missing_input_and_cuda_config_without_cuda_fail_clearly(tmp_path, shape
     assert "train.device=cpu" in capsys.readouterr().err
 
 
+def test_an_unreadable_image_is_named_and_skipped_and_16_bit_images_keep_their_range(
+        tmp_path, shapes_weights, capsys, restore_loggers):
+    images = _write_images(tmp_path / "images")
+    corrupt = tmp_path / "images" / "corrupt.jpg"
+    corrupt.write_bytes(images[1].read_bytes()[:300])  # a JPEG cut short, as an interrupted copy leaves it
+    deep = tmp_path / "images" / "deep.png"
+    ramp = np.linspace(0, 65535, 96 * 128).reshape(96, 128).astype(np.uint16)  # 16-bit grayscale
+    assert cv2.imwrite(str(deep), ramp)
+    with pytest.raises(SystemExit) as exit_info:  # score threshold 1: nothing drawn over the images
+        tool.main(["--config-file", str(SHAPES), "--weights", str(shapes_weights), "--input", str(tmp_path / "images"),
+                   "--output", str(tmp_path / "vis"), "--score-thresh", "1"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image(s)" in err and str(corrupt) in err
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["deep.png", "first.png", "second.png"]
+    drawn = cv2.imread(str(tmp_path / "vis" / "deep.png"))
+    assert abs(float(drawn.mean()) - 127.5) < 5, drawn.mean()  # 65535 -> 255: the ramp, not a white picture
+
+
 # ---- semantic segmentation, with a stub model (the sem-seg configs are not needed)
 STUB_CONFIG = '''
 import detectron2.data.transforms as T

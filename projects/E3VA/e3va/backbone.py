@@ -17,7 +17,8 @@ import torch
 from detectron2.modeling.backbone import Backbone
 from torch import nn
 
-from .methods import SideNetwork, SideTaps, TrunkLayout, TuningMethod, TuningOptions, check_choice, get_tuning_method
+from .methods import SIDE_NETWORK_OPTIONS, SideNetwork, SideTaps, TrunkLayout, TuningMethod, TuningOptions
+from .methods import check_choice, get_tuning_method
 from .side_memory import CompactInput, Packed, RecomputedFromCompactInput
 
 __all__ = [
@@ -78,6 +79,11 @@ class SideTunedBackbone(Backbone):
         self._side: Optional[SideNetwork] = self.method.attach(layout, options) if self.method.attach else None
         if self._side is not None:
             self.add_module(self._side.name, self._side.module)
+        elif options.changed(SIDE_NETWORK_OPTIONS):
+            raise ValueError(
+                f"{options.changed(SIDE_NETWORK_OPTIONS)} given, but tuning={tuning!r} has no side network for "
+                f"them to apply to; leave {' and '.join(SIDE_NETWORK_OPTIONS)} at their defaults (or unset)."
+            )
         self.highway_downsample = self._crossing("highway_downsample", options.highway_downsample,
                                                  HIGHWAY_DOWNSAMPLES, layout.stage_crossing)
         self.highway_merging = self._crossing("highway_merging", options.highway_merging, HIGHWAY_MERGINGS,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any, Dict, Optional, Tuple
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -23,6 +24,7 @@ from .checkpoint_io import (
     ALLOW_UNSAFE_PICKLE_ENV,
     CheckpointReadError,
     align_with_wrapped_layers,
+    explain_download_failure,
     read_checkpoint_file,
     unsafe_pickle_allowed,
 )
@@ -38,6 +40,7 @@ from .trainable import (
     SIDE_NETWORK_KEY,
     TRAINABLE_META_KEY,
     apply_trainable,
+    check_resumable,
     check_side_network,
     full_checkpoint,
     holds_side_network,
@@ -73,7 +76,8 @@ def _find_swin_trunk(model: nn.Module) -> Tuple[str, nn.Module]:
     return (f"{name}.trunk." if name else "trunk."), backbone.trunk
 
 
-def _is_timm_model_name(path: str) -> bool:
+def is_timm_model_name(path: str) -> bool:
+    """True when ``path`` is no file or URL but a timm model name (whose pretrained weights timm fetches)."""
     if not path or os.path.exists(path) or "://" in path or path.endswith((".pth", ".pt", ".pkl", ".pyth")):
         return False
     return timm.is_model(path)
@@ -103,6 +107,7 @@ class E3VACheckpointer(DetectionCheckpointer):
         self.trainable_only = trainable_only
         self.config = config  # stored in trainable-only checkpoints, to say what they were trained with
         self.allow_unsafe_pickle = allow_unsafe_pickle
+        self._resuming = False  # set by resume_or_load while it loads the last checkpoint
 
     # ---- writing
     def save(self, name: str, **kwargs: Any) -> None:
@@ -161,7 +166,10 @@ class E3VACheckpointer(DetectionCheckpointer):
     def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         """As Detectron2's, and ``path`` may also be a timm model name such as
         ``swin_base_patch4_window7_224.ms_in22k`` (timm fetches the weights)."""
-        if not _is_timm_model_name(path):
+        if not is_timm_model_name(path):
+            if "://" in path:  # fetch first (cached), so that an offline run says which file to download
+                with explain_download_failure(path):
+                    self.path_manager.get_local_path(urlparse(path)._replace(query="").geturl())
             return super().load(path, *args, **kwargs)
         self.logger.info(f"[E3VACheckpointer] Loading timm model {path} ...")
         incompatible = self._load_model({"model": self._swin_classification_to_model(load_swin_pretrained(path), path)})
@@ -182,16 +190,26 @@ class E3VACheckpointer(DetectionCheckpointer):
                 "the frozen base weights."
             )
             return None
+        url = self._parsed_url_during_load
+        source = url.geturl() if url else "checkpoint"
+        if self._resuming:  # before the model and then the optimizer take anything from it
+            check_resumable(self.model, checkpoint, source)
         if holds_side_network(checkpoint["model"]) and side_network_of(self.model):
-            url = self._parsed_url_during_load
-            check_side_network(self.model, checkpoint.get(SIDE_NETWORK_KEY), url.geturl() if url else "checkpoint")
+            check_side_network(self.model, checkpoint.get(SIDE_NETWORK_KEY), source)
         checkpoint["model"] = align_with_wrapped_layers(checkpoint["model"], self.model.state_dict().keys())
         return super()._load_model(checkpoint)
 
-    def _holds_trainable_only(self, path: str) -> bool:
+    def peek(self, path: str) -> Dict[str, Any]:
+        """The checkpoint ``path`` (a file or URL) as stored, its tensors memory-mapped (cheap even for a
+        multi-GB file), nothing loaded into the model; ``{}`` for a timm model name."""
+        if is_timm_model_name(path):
+            return {}
         local = self.path_manager.get_local_path(path)
-        try:  # mmap: only the keys are read, even from a multi-GB full checkpoint
-            return is_trainable_checkpoint(torch.load(local, map_location="cpu", weights_only=True, mmap=True))
+        return read_checkpoint_file(local, allow_unsafe_pickle=self.allow_unsafe_pickle, mmap=True)
+
+    def _holds_trainable_only(self, path: str) -> bool:
+        try:
+            return is_trainable_checkpoint(self.peek(path))
         except Exception:  # let load() report the problem with its full message
             return False
 
@@ -201,5 +219,11 @@ class E3VACheckpointer(DetectionCheckpointer):
             if self._holds_trainable_only(last) and path:
                 self.logger.info(f"{last} holds the trainable part only: loading the base weights {path} first.")
                 self.load(path, checkpointables=[])
-            return self.load(last)
+            # A full checkpoint must come from a model built as this one (method, shapes): the optimizer's
+            # state is restored by position, so a mismatch would otherwise crash inside its first step.
+            self._resuming = True
+            try:
+                return self.load(last)
+            finally:
+                self._resuming = False
         return self.load(path, checkpointables=[])

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from detectron2.config import instantiate
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import E3VACheckpointer
 from .engine.training import resolve_device
 
-__all__ = ["LazyPredictor", "config_device", "input_format_of", "test_augmentations"]
+__all__ = ["ImageReadError", "LazyPredictor", "config_device", "input_format_of", "read_image", "test_augmentations"]
 
 logger = logging.getLogger("e3va")
 
@@ -38,6 +39,31 @@ def input_format_of(cfg: DictConfig) -> str:
                 raise ValueError(f"{key}={value!r} is not supported here; expected one of {list(_FORMATS)}.")
             return value
     return "BGR"
+
+
+class ImageReadError(OSError):
+    """An image file that cannot be read (missing, truncated, corrupted, or no image at all)."""
+
+
+# Pillow's modes for one-channel images deeper than 8 bits (a 16-bit PNG opens as "I;16" or "I").
+_DEEP_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def read_image(path: str, format: str = "BGR") -> np.ndarray:
+    """Detectron2's ``read_image`` (HWC uint8 in ``format``, EXIF orientation applied), except that a 16-bit
+    grayscale image is scaled from its 16-bit range to 8 bits: Pillow's conversion would clip every value
+    above 255 (a white picture). A file that cannot be read raises :class:`ImageReadError` naming it."""
+    try:
+        with Image.open(path) as probe:
+            deep = probe.mode in _DEEP_GRAY_MODES
+        if not deep:
+            return detection_utils.read_image(path, format=format)
+        with Image.open(path) as image:
+            gray = np.asarray(detection_utils._apply_exif_orientation(image), dtype=np.float32)
+    except (OSError, ValueError, SyntaxError) as error:  # Pillow raises all three for damaged files
+        raise ImageReadError(f"{path} cannot be read as an image ({type(error).__name__}: {error}).") from error
+    gray8 = np.clip(np.rint(gray / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255, 257 -> 1
+    return gray8[:, :, None] if format == "L" else np.repeat(gray8[:, :, None], 3, axis=2)
 
 
 def test_augmentations(cfg: DictConfig) -> List[T.Augmentation]:
@@ -74,8 +100,8 @@ class LazyPredictor:
             checkpointer.load(path)
 
     def read(self, path: str) -> np.ndarray:
-        """The image file as an HWC uint8 array in the model's input format (EXIF orientation applied)."""
-        return detection_utils.read_image(path, format=self.input_format)
+        """The image file as an HWC uint8 array in the model's input format (see :func:`read_image`)."""
+        return read_image(path, format=self.input_format)
 
     def to_rgb(self, image: np.ndarray) -> np.ndarray:
         """An image in the model's input format, as RGB for drawing."""

@@ -26,7 +26,7 @@ import torch
 from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_simple
 from torch import nn
 
-from .checkpoint_io import align_with_wrapped_layers, read_checkpoint_file
+from .checkpoint_io import align_with_wrapped_layers, explain_download_failure, read_checkpoint_file
 from .swin import SWIN_PRESETS
 
 __all__ = [
@@ -407,7 +407,8 @@ def _read_file(path: str, source: str) -> StateDict:
 def _from_timm(name: str) -> StateDict:
     import timm  # local: only this source needs it
 
-    model = timm.create_model(name, pretrained=True)
+    with explain_download_failure(name):  # offline: say which file to fetch by hand
+        model = timm.create_model(name, pretrained=True)
     return dict(model.state_dict())
 
 
@@ -417,7 +418,9 @@ def _read_source(source: str) -> StateDict:
     if source.startswith(("http://", "https://")):
         from detectron2.utils.file_io import PathManager  # caches downloads under ~/.torch/iopath_cache
 
-        return _read_file(PathManager.get_local_path(source), source)
+        with explain_download_failure(source):
+            local = PathManager.get_local_path(source)
+        return _read_file(local, source)
     import timm
 
     if timm.is_model(source):

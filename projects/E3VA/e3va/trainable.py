@@ -24,10 +24,12 @@ __all__ = [
     "SIDE_NETWORK_KEY",
     "TRAINABLE_FORMAT",
     "TRAINABLE_META_KEY",
+    "TUNING_KEY",
     "LEGACY_SIDE_NETWORK",
     "TrainableCheckpointError",
     "apply_trainable",
     "base_fingerprint",
+    "check_resumable",
     "check_side_network",
     "config_record",
     "check_trainable_checkpoint",
@@ -35,6 +37,7 @@ __all__ = [
     "full_checkpoint",
     "holds_side_network",
     "load_trainable",
+    "missing_trainable",
     "save_trainable",
     "trainable_checkpoint",
     "trainable_metadata",
@@ -49,12 +52,15 @@ TRAINABLE_META_KEY = "e3va_trainable"
 # The key under which a full checkpoint records its side-network choices (trainable-only files keep them
 # in their metadata): what its side network's tensors mean.
 SIDE_NETWORK_KEY = "e3va_side_network"
+# The key under which a full checkpoint records the tuning method it was trained with (trainable-only files
+# keep it in their metadata): a --resume under another method is refused by name.
+TUNING_KEY = "e3va_tuning"
 # What a file trained before side-network choices were recorded was made with (a file without the record).
 LEGACY_SIDE_NETWORK = {"adapter_input": "sublayer_input", "highway_downsample": "difference"}
 
 
 class TrainableCheckpointError(ValueError):
-    """A trainable-only checkpoint does not fit the model it is loaded into."""
+    """A checkpoint does not fit the model it is loaded into (another method, shape, base or side network)."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -144,10 +150,72 @@ def check_side_network(model: nn.Module, recorded: Optional[Mapping[str, str]], 
 
 
 def full_checkpoint(model: nn.Module, **extra: Any) -> Dict[str, Any]:
-    """``{"model": the whole state dict, SIDE_NETWORK_KEY: its side-network choices, **extra}``: what a full
-    checkpoint written outside Detectron2's checkpointer holds, so that it loads back as trained."""
-    record = side_network_of(model)
-    return {"model": _unwrap(model).state_dict(), **({SIDE_NETWORK_KEY: record} if record else {}), **extra}
+    """``{"model": the whole state dict, TUNING_KEY: its tuning method, SIDE_NETWORK_KEY: its side-network
+    choices, **extra}``: what a full checkpoint holds, so that it loads back (and resumes) as trained."""
+    method, record = tuning_method_of(model), side_network_of(model)
+    return {"model": _unwrap(model).state_dict(), **({TUNING_KEY: method} if method else {}),
+            **({SIDE_NETWORK_KEY: record} if record else {}), **extra}
+
+
+def _fit_problems(expected: Mapping[str, torch.Tensor], saved: Mapping[str, Any], missing: str,
+                  unexpected: str) -> List[str]:
+    """The differences in names and shapes between the tensors a model ``expected`` and those ``saved``,
+    as short phrases (``missing`` and ``unexpected`` describe the two kinds of extra names)."""
+    absent = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    wrong_shape = [
+        f"{k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(saved))
+        if torch.is_tensor(saved[k]) and torch.is_tensor(expected[k])
+        and tuple(saved[k].shape) != tuple(expected[k].shape)
+    ]
+    problems: List[str] = []
+    if absent:
+        problems.append(f"{len(absent)} {missing}, e.g. {absent[:3]}")
+    if extra:
+        problems.append(f"{len(extra)} {unexpected}, e.g. {extra[:3]}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} shape mismatches, e.g. {wrong_shape[:3]}")
+    return problems
+
+
+def _without_ddp_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    """``state_dict`` without DistributedDataParallel's ``module.`` prefix, which Detectron2's loader strips too."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def missing_trainable(model: nn.Module, state_dict: Mapping[str, Any]) -> List[str]:
+    """The names of the tensors ``model`` trains (:func:`trainable_state_dict`) that the full state dict
+    ``state_dict`` lacks: a file without them was not trained as this model (e.g. pretrained trunk weights)."""
+    return sorted(set(trainable_state_dict(model)) - set(_without_ddp_prefix(state_dict)))
+
+
+def check_resumable(model: nn.Module, checkpoint: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """Raises :class:`TrainableCheckpointError` unless the full checkpoint ``checkpoint`` was written by a
+    model built as ``model`` is: the same tuning method (when the file records it) and the same tensor names
+    and shapes. ``--resume`` restores the optimizer's state by position, so a checkpoint of another method or
+    shape would otherwise load in part (mismatches skipped) and crash inside the optimizer's first step."""
+    method = tuning_method_of(model)
+    recorded = checkpoint.get(TUNING_KEY)
+    if recorded is not None and recorded != method:
+        raise TrainableCheckpointError(
+            f"--resume: {source} was trained with tuning={recorded!r}, but the model uses tuning={method!r}. "
+            f"Resume with the method it was trained with (the override model.backbone.bottom_up.tuning={recorded}, "
+            "or model.backbone.net.tuning=... on ViT configs), or start a new run in another train.output_dir. "
+            "Nothing was loaded."
+        )
+    problems = _fit_problems(_unwrap(model).state_dict(), _without_ddp_prefix(checkpoint["model"]),
+                             "tensors missing from the file",
+                             "tensors the model does not have")
+    if problems:
+        hint = (f"it was trained with tuning={recorded!r}, as this model is: were its shapes (rank, "
+                "bottleneck_ratio) or the detector's config different?" if recorded is not None else
+                "was it trained with another tuning method (model.backbone.bottom_up.tuning=...), other adapter "
+                "shapes (rank, bottleneck_ratio) or another detector config?")
+        raise TrainableCheckpointError(
+            f"--resume: {source} does not fit this model ({'; '.join(problems)}); {hint} Build the model as that "
+            "run was built, or start a new run in another train.output_dir. Nothing was loaded."
+        )
 
 
 def holds_side_network(state_dict: Mapping[str, Any]) -> bool:
@@ -221,22 +289,8 @@ def check_trainable_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any], 
         )
     if side_network_of(model):
         check_side_network(model, meta.get("side_network"), source)
-    expected = trainable_state_dict(model)
-    saved = checkpoint["model"]
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    wrong_shape = [
-        f"{k}: saved {tuple(saved[k].shape)}, model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(saved))
-        if tuple(saved[k].shape) != tuple(expected[k].shape)
-    ]
-    problems: List[str] = []
-    if missing:
-        problems.append(f"{len(missing)} trainable tensors missing from the file, e.g. {missing[:3]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} tensors the model does not train, e.g. {unexpected[:3]}")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} shape mismatches, e.g. {wrong_shape[:3]}")
+    problems = _fit_problems(trainable_state_dict(model), checkpoint["model"],
+                             "trainable tensors missing from the file", "tensors the model does not train")
     if problems:
         raise TrainableCheckpointError(
             f"{source} does not fit this model ({'; '.join(problems)}). Were the adapter shapes "

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data.build import filter_images_with_only_crowd_annotations
+
+from .annotations import drop_degenerate_boxes
 
 __all__ = [
     "DatasetRootError",
@@ -167,12 +170,18 @@ def require_dataset_root(dataset_name: str) -> None:
     raise DatasetRootError("\n".join(lines))
 
 
-def dataset_dicts(names: Union[str, Sequence[str]], **kwargs: Any) -> Any:
+def dataset_dicts(names: Union[str, Sequence[str]], filter_empty: bool = True, **kwargs: Any) -> Any:
     """:func:`require_dataset_root` for each of ``names``, then Detectron2's
-    ``get_detection_dataset_dicts(names, **kwargs)`` (``filter_empty``, ``min_keypoints``, ...)."""
+    ``get_detection_dataset_dicts(names, **kwargs)`` (``min_keypoints``, ...), without the annotations whose
+    box is empty or wholly outside its image (counted in the log, ``e3va.data.annotations``); with
+    ``filter_empty``, Detectron2's filter then drops the images left without usable annotations."""
     listed = [names] if isinstance(names, str) else list(names)
     if not listed:
         raise ValueError("dataset_dicts needs at least one dataset name, got none.")
     for name in listed:
         require_dataset_root(name)
-    return get_detection_dataset_dicts(listed, **kwargs)
+    dicts = get_detection_dataset_dicts(listed, filter_empty=False, **kwargs)
+    if not isinstance(dicts, list) or not dicts or "annotations" not in dicts[0]:
+        return dicts  # a torch Dataset, or semantic segmentation: no boxes
+    dicts = drop_degenerate_boxes(dicts, source=", ".join(listed))
+    return filter_images_with_only_crowd_annotations(dicts) if filter_empty else dicts

@@ -25,6 +25,7 @@ from torch import nn
 __all__ = [
     "ACTIVATIONS",
     "METHOD_OPTIONS",
+    "SIDE_NETWORK_OPTIONS",
     "TUNING_METHODS",
     "SideNetwork",
     "SideTaps",
@@ -91,6 +92,15 @@ class TuningOptions:
     trunk_dtype: str = "float32"
     compile_trunk: Union[bool, str] = False
 
+    def __post_init__(self) -> None:
+        # bool is an int to Python: rank=True would silently be rank 1, fused_adapters="no" would be true.
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
+            raise ValueError(f"rank must be a positive integer (or None for the method's own), got {self.rank!r}.")
+        for name in ("fused_adapters", "train_out_norms"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "train_out_norms"):
+                raise ValueError(f"{name} must be True or False, got {value!r}.")
+
     @classmethod
     def from_kwargs(cls, owner: type, kwargs: Mapping[str, Any]) -> "TuningOptions":
         """The options in ``kwargs`` given to backbone class ``owner``; an unknown name is a TypeError that
@@ -109,9 +119,17 @@ class TuningOptions:
         """Those of ``names`` set to something other than None."""
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
+    def changed(self, names: Sequence[str]) -> Dict[str, Any]:
+        """Those of ``names`` set to something other than their default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {n: getattr(self, n) for n in names if getattr(self, n) != defaults[n]}
+
 
 # The options that shape a method's own modules; the rest of TuningOptions applies to every method.
 METHOD_OPTIONS = ("rank", "bottleneck_ratio", "activation", "adapter_input", "adapter_arrangement")
+# How a side network runs: meaningless without one, so a method without one refuses other values than the
+# defaults (as it refuses highway_downsample and highway_merging), instead of silently ignoring them.
+SIDE_NETWORK_OPTIONS = ("fused_adapters", "saved_input_dtype")
 
 
 def with_tuning_options(takes_from: Optional[Callable[..., Any]] = None) -> Callable[[type], type]:
