@@ -2,22 +2,28 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.e3va-installed
 
-.PHONY: demo test install mutation
+.PHONY: demo test install mutation check-venv
 
 # The stamp makes a second `make` skip the install; editing setup.py or the installer refreshes it.
 $(STAMP): setup.py tools/install.sh
 	VENV=$(VENV) bash tools/install.sh
 	touch $(STAMP)
 
-install: $(STAMP)
+# A venv whose python no longer runs (its interpreter moved or was removed: dangling links) is removed,
+# so that the stamp is gone and the install below recreates it, instead of every command failing.
+check-venv:
+	@if [ -e $(VENV) ] && ! $(PYTHON) -c "" 2>/dev/null; then \
+		echo "[make] $(VENV) is broken (its python does not run): recreating it"; rm -rf $(VENV); fi
 
-test: $(STAMP)
+install: check-venv $(STAMP)
+
+test: check-venv $(STAMP)
 	$(PYTHON) -m pytest tests -q
 
-demo: $(STAMP)
+demo: check-venv $(STAMP)
 	$(PYTHON) tools/demo.py
 
 # Not part of `make test` (about 15 minutes on 2 CPU cores): hand-written mutants, each against the tests
 # chosen to catch it; writes its table into docs/MUTATION.md.
-mutation: $(STAMP)
+mutation: check-venv $(STAMP)
 	$(PYTHON) tools/mutation_check.py --out docs/MUTATION.md
