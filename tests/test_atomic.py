@@ -36,6 +36,7 @@ def test_bytes_are_written_whole(tmp_path, durable):
     assert [p.name for p in tmp_path.iterdir()] == ["b.bin"]
 
 
+@pytest.mark.slow
 def test_file_lock_makes_a_second_process_wait(tmp_path):
     lock = tmp_path / ".x.lock"
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(lock), "2.0"], stdout=subprocess.PIPE, text=True)

@@ -83,6 +83,7 @@ def test_input_is_normalised_as_the_trunk_was_pretrained(relpath):
         ("COCO/cascade_mask_rcnn_vit_b_e3va.py", "e3va"),
     ],
 )
+@pytest.mark.slow
 def test_one_training_iteration_updates_only_trainable_parameters(relpath, tuning):
     torch.manual_seed(0)
     model = tiny_detector(relpath, tuning).train()

@@ -207,6 +207,7 @@ def _run_tool(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["official", "timm"])
 def test_converted_file_loads_with_the_plain_detectron2_checkpointer(tmp_path, layout):
     src, dst = tmp_path / f"{layout}.pth", tmp_path / "converted.pth"

@@ -148,6 +148,7 @@ def test_a_damaged_file_gives_a_clear_error_and_leaves_the_model_untouched(tmp_p
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.slow
 def test_export_then_merge_gives_back_the_full_checkpoint(tmp_path):
     config = str(REPO / "configs" / "Shapes" / "mask_rcnn_e3va.py")
     model = instantiate(LazyConfig.load(config).model)

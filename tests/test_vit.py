@@ -44,6 +44,7 @@ def test_side_network_starts_as_the_identity_and_then_changes_the_output(tuning)
         assert not torch.allclose(model(x)["last_feat"], expected, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", sorted(VIT_PRESETS))
 def test_output_shape_of_every_vit_size(size):
     model = E3VAViT(size, tuning="losa", drop_path_rate=0.0).eval()

@@ -36,6 +36,7 @@ def run_tool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_methods_end_to_end(tmp_path):
     out = tmp_path / "bench"
     proc = run_tool("--config-file", CONFIG, "--methods", "fixed,e3va", "--iters", "2", "--warmup", "1",
@@ -72,6 +73,7 @@ def test_two_methods_end_to_end(tmp_path):
     assert "fixed" in proc.stdout and "e3va" in proc.stdout  # one line per method as it finishes
 
 
+@pytest.mark.slow
 def test_vit_config_and_losa(tmp_path):
     """The tool finds a ViT config's backbone (``model.backbone.net``) and measures losa beside fixed."""
     out = tmp_path / "bench_vit"

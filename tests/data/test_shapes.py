@@ -137,6 +137,7 @@ g.generate_shapes_dataset(sys.argv[1], "val", num_images=2, image_size=64)
 """
 
 
+@pytest.mark.slow
 def test_a_second_process_waits_for_the_first_and_reuses_its_files(tmp_path, monkeypatch):
     first = subprocess.Popen([sys.executable, "-c", _SLOW_GENERATOR, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

@@ -157,6 +157,7 @@ def test_voc_config_trains_and_evaluates_on_synthetic_voc(relpath, synthetic_voc
     assert (tmp_path / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_cli_trains_on_the_builtin_voc_names_under_detectron2_datasets(tmp_path):
     """The config as written (voc_2007_trainval + voc_2012_trainval -> voc_2007_test), found by Detectron2
     through $DETECTRON2_DATASETS, trained and evaluated by tools/lazyconfig_train_net.py."""

@@ -37,6 +37,8 @@ from e3va.engine.hooks import SUMMARY_FILENAME, combine_rank_summaries
 from e3va.modeling import UperNetHead
 from helpers import PAPER_METHODS, REPO, load_tool, synthetic_batch, tiny_detector
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 MAX_ITER, STOP_AT, PERIOD = 6, 3, 2  # the interrupted run stops after iteration STOP_AT - 1
 TIMEOUT = 300  # seconds for one launched run; a hung rendezvous fails the test instead of hanging CI
 

@@ -16,6 +16,8 @@ import torch
 
 from helpers import REPO
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 MAX_ITER, PERIOD = 20, 4
 
 

@@ -48,6 +48,7 @@ def test_nano_e3va_count_from_its_formula():
     assert count_parameters(E3VASwin("nano", tuning="e3va"))[0] == expected
 
 
+@pytest.mark.slow
 def test_count_params_tool_prints_each_methods_count():
     cmd = [sys.executable, str(REPO / "tools" / "count_params.py"), "--size", "nano", "--methods", "fixed,e3va"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -58,6 +59,7 @@ def test_count_params_tool_prints_each_methods_count():
     assert proc.returncode != 0 and "XL" in proc.stderr
 
 
+@pytest.mark.slow
 def test_checkpoint_sizes_tool_reports_a_task_file_far_smaller_than_the_checkpoint():
     config = str(REPO / "configs" / "Shapes" / "mask_rcnn_e3va.py")
     cmd = [sys.executable, str(REPO / "tools" / "checkpoint_sizes.py"), "--config-file", config, "--tuning", "e3va,full"]

@@ -1,5 +1,6 @@
 """`make demo` end to end, shortened: shapes data, training through Detectron2's engine from the shipped
 pretrained trunk, COCO evaluation, prediction images drawn with Detectron2's Visualizer."""
+import pytest
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from e3va import NANO_SWIN_WEIGHTS
 from helpers import REPO
 
 
+@pytest.mark.slow
 def test_demo_trains_evaluates_and_draws(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "E3VA_DATASETS": str(tmp_path / "shapes")}

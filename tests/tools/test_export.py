@@ -65,6 +65,7 @@ except torch.jit.Error as error:
 """
 
 
+@pytest.mark.slow
 def test_torchscript_detector_runs_without_e3va_and_equals_eager(tmp_path, restore_loggers):
     model = _shapes_model()
     E3VACheckpointer(model, save_dir=str(tmp_path)).save("model")  # records what the side network is

@@ -1,4 +1,5 @@
 """tools/pretrain_nano_swin.py writes an official-layout Swin checkpoint that loads into the demo detector."""
+import pytest
 import subprocess
 import sys
 
@@ -28,6 +29,7 @@ def _assert_loads_into_the_trunk(path):
     return checkpoint
 
 
+@pytest.mark.slow
 def test_script_writes_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "nano.pth"
     cmd = [sys.executable, str(REPO / "tools" / "pretrain_nano_swin.py"), "--steps", "3", "--pool", "16",

@@ -1,4 +1,5 @@
 """tools/side_network_time.py: backbone time per method, interleaved, with the overhead against fixed."""
+import pytest
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from helpers import REPO
 TOOL = str(REPO / "tools" / "side_network_time.py")
 
 
+@pytest.mark.slow
 def test_times_and_overheads_are_reported_per_method(tmp_path):
     cmd = [sys.executable, TOOL, "--size", "nano", "--input-size", "64", "--batch-size", "1", "--iters", "3",
            "--warmup", "1", "--methods", "e3va,losa", "--output", str(tmp_path)]

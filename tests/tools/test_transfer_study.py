@@ -18,6 +18,7 @@ def _tool():
     return load_tool("transfer_study")
 
 
+@pytest.mark.slow
 def test_two_methods_two_seeds_give_json_markdown_and_plot(tmp_path):
     env = {**os.environ, "E3VA_DATASETS": str(tmp_path / "shapes")}
     out = tmp_path / "out"
@@ -133,6 +134,7 @@ def test_bad_arguments_are_named(args, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_seeded_run_is_deterministic(tmp_path):
     """Same seed, same machine: same AP and the same trained weights (seeded init, data order, flips)."""
     env = {**os.environ, "E3VA_DATASETS": str(tmp_path / "shapes")}

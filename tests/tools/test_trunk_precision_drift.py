@@ -1,4 +1,5 @@
 """tools/trunk_precision_drift.py: a bf16 trunk stays close to fp32, and the tool reports by how much."""
+import pytest
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ def test_bfloat16_drift_is_reported_per_level_and_small():
         assert level["fp32_std"] > 0.1
 
 
+@pytest.mark.slow
 def test_compiled_trunk_drift_and_timing_are_reported():
     cmd = [sys.executable, str(REPO / "tools" / "trunk_precision_drift.py"), "--size", "nano", "--input-size", "64",
            "--dtype", "float32", "--compile", "eager", "--time", "1"]

@@ -243,6 +243,7 @@ def test_save_side_by_side_keeps_its_layout(tmp_path):
     assert cv2.imread(str(path)).shape == (8, 11, 3)
 
 
+@pytest.mark.slow
 def test_command_line_runs_as_a_script(tmp_path, shapes_weights):
     images = _write_images(tmp_path / "images")
     cmd = [sys.executable, str(TOOL), "--config-file", str(SHAPES), "--weights", str(shapes_weights),
