@@ -31,7 +31,7 @@ CONFIG = "configs/COCO/mask_rcnn_swin_t_e3va.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_tool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_tool(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOL), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
 
