@@ -229,8 +229,7 @@ class HighwayAdapter(nn.Module):
         self.compact = CompactInput(saved_input_dtype)
         if bottleneck <= 0:
             raise ValueError(f"bottleneck width must be positive, got {bottleneck!r} for dim={dim}.")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}.")
+        check_choice("activation", activation, sorted(ACTIVATIONS))
         self.down = DualLowRankLinear(dim, bottleneck, rank, train_v=train_down_input_factors)
         self.act = ACTIVATIONS[activation]()
         self.up = DualLowRankLinear(bottleneck, dim, rank, zero_init=True)

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..side_memory import CompactInput, RecomputedFromCompactInput
-from .base import ACTIVATIONS, SideNetwork, SideTaps, TrunkLayout, TuningMethod, TuningOptions, register_tuning_method
+from .base import ACTIVATIONS, SideNetwork, SideTaps, TrunkLayout, TuningMethod, TuningOptions, check_choice
+from .base import register_tuning_method
 
 __all__ = ["LoSASideNetwork", "LoSASpec", "LoSATaps", "LowRankMLP", "LowRankMixer", "attach_losa", "mix_in_windows"]
 
@@ -57,8 +58,7 @@ class LowRankMLP(nn.Module):
         super().__init__()
         if not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank!r}.")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"Unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}.")
+        check_choice("activation", activation, sorted(ACTIVATIONS))
         self.fc1 = nn.Linear(dim, rank)
         self.act = ACTIVATIONS[activation]()
         self.fc2 = nn.Linear(rank, dim)
