@@ -22,7 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import E3VACheckpointer
 from .engine.training import resolve_device
 
-__all__ = ["ImageReadError", "LazyPredictor", "config_device", "input_format_of", "read_image", "test_augmentations"]
+__all__ = [
+    "ImageReadError", "LazyPredictor", "config_device", "input_format_of", "model_input", "read_image",
+    "test_augmentations",
+]
 
 logger = logging.getLogger("e3va")
 
@@ -111,11 +114,18 @@ class LazyPredictor:
     def __call__(self, image: np.ndarray) -> Dict[str, Any]:
         """The model's outputs for one HWC image in the model's input format (``instances``, ``sem_seg``,
         ...), resized back to the image's size by the model's own post-processing."""
-        height, width = image.shape[:2]
-        aug_input = T.AugInput(image)
-        self.augmentations(aug_input)  # e.g. ResizeShortestEdge(800, 1333), as in evaluation
-        resized = aug_input.image
-        if resized.ndim == 2:  # "L" format: one channel
-            resized = resized[:, :, None]
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float().to(self.device)
-        return self.model([{"image": tensor, "height": height, "width": width}])[0]
+        return self.model([model_input(image, self.augmentations, self.device)])[0]
+
+
+def model_input(image: np.ndarray, augmentations: T.AugmentationList, device: torch.device) -> Dict[str, Any]:
+    """A Detectron2 model's input dict for one HWC image: resized by ``augmentations`` (the config's test-time
+    ones, e.g. ResizeShortestEdge(800, 1333), as in evaluation), with the original ``height`` and ``width``
+    that the model's post-processing resizes its outputs back to."""
+    height, width = image.shape[:2]
+    aug_input = T.AugInput(image)
+    augmentations(aug_input)
+    resized = aug_input.image
+    if resized.ndim == 2:  # "L" format: one channel
+        resized = resized[:, :, None]
+    tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).float().to(device)
+    return {"image": tensor, "height": height, "width": width}

@@ -11,6 +11,7 @@ output is ``norm(x_end + d_end)``. Official and timm weights are read by
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -20,6 +21,7 @@ from detectron2.modeling.backbone.swin import SwinTransformer
 from torch import nn
 
 from .backbone import SideTunedBackbone, pick_preset
+from .side_memory import Packed
 from .methods import TrunkLayout, TuningOptions
 from .methods.base import with_tuning_options
 
@@ -172,28 +174,49 @@ class E3VASwin(SideTunedBackbone):
         super().__init__()
         self._out_features = list(_check_out_features(out_features))
 
+        self.size = size
         self.trunk = build_swin_trunk(size, window_size=window_size, drop_path_rate=drop_path_rate)
         stage_dims = list(self.trunk.num_features)
-        layout = TrunkLayout(
-            self.trunk,
-            blocks_by_stage=[list(stage.blocks) for stage in self.trunk.layers],
-            stage_dims=stage_dims,
-            window_size=window_size,
-            grid_of=lambda block, output: (block.H, block.W),  # Swin blocks hold flat (B, H*W, C) tokens
-            stage_crossing=True,
-        )
-        self._attach_tuning(tuning, layout, TuningOptions.from_kwargs(type(self), options),
+        self._attach_tuning(tuning, self._trunk_layout(self.trunk), TuningOptions.from_kwargs(type(self), options),
                             out_norm_names=[f"norm{i}" for i in range(4)])
         self.side_merging: Optional[nn.ModuleList] = None  # highway_merging="trainable": one per stage end
         if self.highway_merging == "trainable":
             self.side_merging = nn.ModuleList(TrainableMerging(stage.downsample.dim)
                                               for stage in self.trunk.layers if stage.downsample is not None)
+        self.own_out_norms: Optional[nn.ModuleDict] = None  # set by share_trunk
         self._out_feature_channels = {f"p{i}": stage_dims[i] for i in range(4)}
         self._out_feature_strides = {f"p{i}": 2 ** (i + 2) for i in range(4)}
 
+    @staticmethod
+    def _trunk_layout(trunk: nn.Module) -> TrunkLayout:
+        return TrunkLayout(
+            trunk,
+            blocks_by_stage=[list(stage.blocks) for stage in trunk.layers],
+            stage_dims=list(trunk.num_features),
+            window_size=trunk.layers[0].window_size,
+            grid_of=lambda block, output: (block.H, block.W),  # Swin blocks hold flat (B, H*W, C) tokens
+            stage_crossing=True,
+        )
+
     def out_norm(self, stage: int) -> nn.Module:
-        """The norm between stage ``stage`` and the FPN (the trunk's ``norm{stage}``, untrained by ImageNet)."""
-        return getattr(self.trunk, f"norm{stage}")
+        """The norm between stage ``stage`` and the FPN (the trunk's ``norm{stage}``, untrained by ImageNet;
+        this backbone's own once its trunk is shared, see :meth:`share_trunk`)."""
+        return self.own_out_norms[f"norm{stage}"] if self.own_out_norms is not None else getattr(self.trunk, f"norm{stage}")
+
+    def share_trunk(self, trunk: SwinTransformer) -> None:
+        """Runs this backbone on ``trunk``, another backbone's (same architecture, same frozen weights: the
+        caller checks), so that one trunk pass feeds several tasks' side networks (:meth:`forward_tasks`,
+        ``e3va.multitask``). Keeps this backbone's own output norms, which train with the side network, and
+        moves its side network's hooks onto ``trunk``; its former trunk is dropped."""
+        if self.trunk_needs_autograd or (self.method.attach is not None and self._side is None):
+            raise ValueError(f"tuning={self.method.name!r} changes the trunk itself; only methods that leave it "
+                             "unchanged (e3va*, losa, fixed) can share it.")
+        if self.own_out_norms is None:
+            self.own_out_norms = nn.ModuleDict({name: getattr(self.trunk, name) for name in self._out_norm_names})
+        if self._side is not None:
+            self._side.retap(self._trunk_layout(trunk))
+            self._taps = self._side.taps
+        self.trunk = trunk
 
     @property
     def size_divisibility(self) -> int:
@@ -209,7 +232,16 @@ class E3VASwin(SideTunedBackbone):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.forward_tasks(x, [self])[0]
+
+    def forward_tasks(self, x: torch.Tensor, tasks: Sequence["E3VASwin"]) -> List[Dict[str, torch.Tensor]]:
+        """One pass of this backbone's trunk with the side network of every backbone in ``tasks`` beside it
+        (each holding this trunk, see :meth:`share_trunk`): each task's outputs, as its own ``forward``
+        gives them. ``forward(x)`` is ``forward_tasks(x, [self])[0]``."""
         self._check_image(x)
+        for task in tasks:
+            if task.trunk is not self.trunk:
+                raise ValueError("forward_tasks: every task's backbone must hold this trunk (share_trunk).")
         trunk = self.trunk
         trunk_pass = self._trunk_pass(x)
         with trunk_pass():
@@ -217,31 +249,41 @@ class E3VASwin(SideTunedBackbone):
             Wh, Ww = tokens.shape[2], tokens.shape[3]
             tokens = trunk.pos_drop(tokens.flatten(2).transpose(1, 2))
 
-        wanted = {int(f[1:]) for f in self._out_features}
-        last = max(wanted)
-        outputs: Dict[str, torch.Tensor] = {}
-        carried: Optional[torch.Tensor] = None  # the side network's state entering the stage
+        wanted = [{int(f[1:]) for f in task._out_features} for task in tasks]
+        last = max(max(stages) for stages in wanted)
+        outputs: List[Dict[str, torch.Tensor]] = [{} for _ in tasks]
+        carried: List[Optional[torch.Tensor]] = [None] * len(tasks)  # each side network's state entering the stage
         for i, stage in enumerate(trunk.layers[: last + 1]):
-            with trunk_pass(), self._side_stage(carried):
+            with trunk_pass(), contextlib.ExitStack() as side_stages:
+                for task, state in zip(tasks, carried):
+                    side_stages.enter_context(task._side_stage(state))
                 x_out, H, W, tokens, Wh, Ww = stage(tokens, Wh, Ww)
-            y = x_out = x_out.float()
-            packed = None  # y, kept once for the patch merging's and the output norm's backward
-            if self._taps is not None:
-                side = self._taps.end()
-                y = x_out + side
-                packed = self._pack_adapted_output(y)
-                if stage.downsample is not None and i < last:
-                    # The trunk's patch merging (frozen), with autograd for the side network's share of its
-                    # input only; or the side network's trainable version of it.
-                    frozen = not any(p.requires_grad for p in stage.downsample.parameters())
-                    merge, params = self._side_merge(i, stage.downsample, H, W)
-                    if self.highway_downsample == "direct":
-                        keep = self._pack_adapted_output(side) if frozen else None
-                        carried = self._recomputed(merge, side, keep, params)
-                    else:
-                        carried = self._recomputed(merge, y, packed if frozen else None, params) - tokens
-            if i in wanted:
-                norm = self.out_norm(i)
-                out = self._recomputed(norm, y, packed, [p for p in norm.parameters() if p.requires_grad])
-                outputs[f"p{i}"] = out.view(-1, H, W, out.shape[-1]).permute(0, 3, 1, 2).contiguous()
+            x_out = x_out.float()
+            for t, task in enumerate(tasks):
+                y, packed, carried[t] = task._stage_end(i, stage, x_out, tokens, H, W, crossing=i < max(wanted[t]))
+                if i in wanted[t]:
+                    norm = task.out_norm(i)
+                    out = self._recomputed(norm, y, packed, [p for p in norm.parameters() if p.requires_grad])
+                    outputs[t][f"p{i}"] = out.view(-1, H, W, out.shape[-1]).permute(0, 3, 1, 2).contiguous()
         return outputs
+
+    def _stage_end(self, i: int, stage: nn.Module, x_out: torch.Tensor, tokens: torch.Tensor, H: int, W: int,
+                   crossing: bool) -> Tuple[torch.Tensor, Optional[Packed], Optional[torch.Tensor]]:
+        """After stage ``i``: the adapted output ``y = x_out + d_end``, ``y`` packed for backward (once for
+        the patch merging's and the output norm's backward; None when not kept), and the side state entering
+        the next stage (through patch merging when ``crossing``; ``tokens`` is the trunk's merged output)."""
+        if self._taps is None:
+            return x_out, None, None
+        side = self._taps.end()
+        y = x_out + side
+        packed = self._pack_adapted_output(y)
+        if stage.downsample is None or not crossing:
+            return y, packed, None
+        # The trunk's patch merging (frozen), with autograd for the side network's share of its input only;
+        # or the side network's trainable version of it.
+        frozen = not any(p.requires_grad for p in stage.downsample.parameters())
+        merge, params = self._side_merge(i, stage.downsample, H, W)
+        if self.highway_downsample == "direct":
+            keep = self._pack_adapted_output(side) if frozen else None
+            return y, packed, self._recomputed(merge, side, keep, params)
+        return y, packed, self._recomputed(merge, y, packed if frozen else None, params) - tokens

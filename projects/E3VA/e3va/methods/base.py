@@ -225,13 +225,25 @@ class SideTaps:
 @dataclass
 class SideNetwork:
     """What a side-network method attaches: its trainable ``module`` (registered on the backbone as
-    ``name``, which fixes its state-dict keys, e.g. ``highway.*``), the ``taps`` that run it, and the
-    choices that change what its weights mean (stored beside trained weights, checked when loading)."""
+    ``name``, which fixes its state-dict keys, e.g. ``highway.*``), ``hook_on``, which hooks the module on a
+    trunk and returns the taps that run it, and the choices that change what its weights mean (stored
+    beside trained weights, checked when loading). ``taps`` are the module's taps on the trunk it was
+    built for; :meth:`retap` moves them to another trunk of the same layout (e.g. one shared by tasks)."""
 
     name: str
     module: nn.Module
-    taps: SideTaps
+    hook_on: Callable[[TrunkLayout], SideTaps]
     record: Dict[str, str]
+    layout: dataclasses.InitVar[TrunkLayout]
+    taps: SideTaps = dataclasses.field(init=False)
+
+    def __post_init__(self, layout: TrunkLayout) -> None:
+        self.taps = self.hook_on(layout)
+
+    def retap(self, layout: TrunkLayout) -> None:
+        """Runs the module from ``layout``'s trunk from now on. The hooks on the former trunk stay there,
+        idle (they fire only while their taps are active): drop that trunk."""
+        self.taps = self.hook_on(layout)
 
 
 # Predicates on a trunk parameter: ``(name, last_block)``, where ``name`` is as in the trunk's

@@ -373,7 +373,8 @@ def attach_highway(spec: AdapterSpec, layout: TrunkLayout, options: TuningOption
     record = {"adapter_input": spec.adapter_input}
     if spec.arrangement != "parallel":  # "parallel" is not recorded: it is all that older files knew
         record["arrangement"] = spec.arrangement
-    return SideNetwork("highway", highway, HighwayTaps(layout.blocks_by_stage, highway), record)
+    return SideNetwork("highway", highway, lambda trunk: HighwayTaps(trunk.blocks_by_stage, highway), record,
+                       layout)
 
 
 def _register(name: str, spec: AdapterSpec) -> None:

@@ -217,7 +217,7 @@ def attach_losa(spec: LoSASpec, layout: TrunkLayout, options: TuningOptions) -> 
     spec = dataclasses.replace(spec, **options.given(("rank", "activation")))
     side = LoSASideNetwork(layout.stage_dims, layout.depths, layout.window_size, spec.rank, spec.activation,
                            fused=options.fused_adapters, saved_input_dtype=options.saved_input_dtype)
-    return SideNetwork("losa", side, LoSATaps(layout.blocks_by_stage, side, layout.grid_of), {})
+    return SideNetwork("losa", side, lambda trunk: LoSATaps(trunk.blocks_by_stage, side, trunk.grid_of), {}, layout)
 
 
 # LoSA (Mercea et al., CVPR 2024). Rank 45 gives 1.21 M trainable parameters on Swin-B (window 7, output

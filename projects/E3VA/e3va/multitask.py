@@ -1,0 +1,258 @@
+"""One trunk pass, many tasks: :class:`MultiTaskModel` serves (and trains) several tasks' side networks on
+one frozen Swin trunk.
+
+Side networks never change the trunk (E3VA's highway, LoSA's mixers; ``fixed`` has none), so one forward of
+the trunk can feed every task's side network at once. Each task is a whole Detectron2 model (a detector or a
+semantic segmentor built from its LazyConfig, with its weights); the multi-task model keeps one trunk, moves
+every task's side network onto it (``E3VASwin.share_trunk``), and puts in place of each task's bottom-up
+backbone a stand-in that hands the task its share of the one pass. Each task's FPN, heads and
+post-processing then run as in the task's own model, so its outputs equal that model's.
+
+Tasks must agree on what the trunk sees: the trunk's architecture and frozen weights, the input format,
+normalisation, padding, trunk precision and test-time resizing. A task that differs, or whose method changes
+the trunk itself (full, lora, adapter, ...), is refused with its name and the difference.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from detectron2.config import instantiate
+from detectron2.structures import ImageList
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .backbone import find_tuned_backbone
+from .checkpoint import E3VACheckpointer
+from .predictor import input_format_of, test_augmentations
+from .swin import E3VASwin
+
+__all__ = ["MultiTaskError", "MultiTaskModel", "TaskSpec"]
+
+logger = logging.getLogger("e3va")
+
+
+class MultiTaskError(ValueError):
+    """Tasks that cannot share one trunk pass; the message names the task and what differs."""
+
+
+@dataclass
+class TaskSpec:
+    """One task: its LazyConfig (overrides applied) and the weights loaded, in order, on top of the shared
+    base weights: a trainable-only task file, or a full checkpoint (its trunk must equal the base's)."""
+
+    name: str
+    cfg: DictConfig
+    weights: Sequence[str] = ()
+
+
+class _TaskFeatures(nn.Module):
+    """Stands in for a task's bottom-up backbone (its ``E3VASwin``) inside the task's model: returns the
+    features :class:`MultiTaskModel` computed for this task in the shared pass over the same image tensor.
+    Holds the backbone (and so its side network, out norms and the shared trunk) as ``backbone``."""
+
+    def __init__(self, backbone: E3VASwin) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self._pending: Optional[Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = None
+
+    def hand_over(self, images: torch.Tensor, features: Dict[str, torch.Tensor]) -> None:
+        self._pending = (images, features)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self._pending is None:
+            raise RuntimeError("A multi-task model's task ran on its own; call the MultiTaskModel instead.")
+        images, features = self._pending
+        self._pending = None
+        if x.shape != images.shape or not torch.equal(x, images):
+            raise RuntimeError("The task normalised or padded the images differently from the shared pass.")
+        return features
+
+    # What meta-architectures and FPN read of a backbone.
+    def output_shape(self):
+        return self.backbone.output_shape()
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.backbone.size_divisibility
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        return self.backbone.padding_constraints
+
+
+def _set_submodule(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _describe_trunk(backbone: E3VASwin) -> str:
+    return (f"Swin-{backbone.size}, window {backbone.trunk.layers[0].window_size}, "
+            f"trunk_dtype={str(backbone.trunk_dtype).replace('torch.', '')}")
+
+
+def _frozen_trunk_state(backbone: E3VASwin) -> Dict[str, torch.Tensor]:
+    """The trunk's parameters and buffers, output norms aside (each task trains its own)."""
+    return {name: t for name, t in backbone.trunk.state_dict().items()
+            if not backbone._is_out_norm(name)}
+
+
+def _input_record(model: nn.Module) -> Dict[str, Any]:
+    """What the trunk sees of an image, as the task's model prepares it."""
+    return {
+        "pixel_mean": [round(v, 6) for v in model.pixel_mean.flatten().tolist()],
+        "pixel_std": [round(v, 6) for v in model.pixel_std.flatten().tolist()],
+        "size_divisibility": model.backbone.size_divisibility,
+        # ImageList.from_tensors ignores a zero square_size, which FPN gives and other backbones leave out
+        "padding_constraints": {k: v for k, v in (getattr(model.backbone, "padding_constraints", {}) or {}).items()
+                                if v},
+    }
+
+
+class MultiTaskModel(nn.Module):
+    """Several tasks' models on one trunk: ``model(batched_inputs)`` runs the trunk once per batch and returns
+    ``{task name: that task's model output}`` (a list of per-image dicts in eval mode, as Detectron2's
+    models return; in training mode, the task's loss dict).
+
+    Args:
+        models: task name -> a Detectron2 model with an ``E3VASwin`` backbone, weights already loaded. Their
+            trunks must hold the same architecture and frozen weights; the first one is kept and shared.
+        loss_weights: task name -> the factor of its losses in training (default 1 for every task).
+    """
+
+    def __init__(self, models: Mapping[str, nn.Module], loss_weights: Optional[Mapping[str, float]] = None) -> None:
+        super().__init__()
+        if not models:
+            raise MultiTaskError("A multi-task model needs at least one task.")
+        self.tasks = nn.ModuleDict()
+        self._features: Dict[str, _TaskFeatures] = {}
+        self.loss_weights: Dict[str, float] = {}
+        for name, model in models.items():
+            self.add_task(name, model)
+        self.set_loss_weights(loss_weights or {})
+
+    def set_loss_weights(self, loss_weights: Mapping[str, float]) -> None:
+        """Each task's factor on its losses in training (1 for the tasks not named)."""
+        unknown = sorted(set(loss_weights) - set(self.tasks))
+        if unknown:
+            raise MultiTaskError(f"loss_weights name tasks {unknown} that are not among {list(self.tasks)}.")
+        self.loss_weights = {name: float(loss_weights.get(name, 1.0)) for name in self.tasks}
+
+    def add_task(self, name: str, model: nn.Module) -> None:
+        """Adds ``model`` (weights loaded) as task ``name``: checks that it can share the trunk, moves its
+        side network onto the shared trunk and drops its own trunk."""
+        if name in self.tasks:
+            raise MultiTaskError(f"Task names must be unique; {name!r} given twice.")
+        backbone = self._backbone(name, model)
+        if self.tasks:
+            first_name = next(iter(self.tasks))
+            self._check_same_trunk(name, backbone, first_name)
+            inputs, reference_inputs = _input_record(model), _input_record(self._first)
+            for key, value in inputs.items():
+                if value != reference_inputs[key]:
+                    raise MultiTaskError(f"Task {name!r} prepares images with {key}={value}, task {first_name!r} "
+                                         f"with {reference_inputs[key]}; the trunk runs once for both, on one tensor.")
+        else:
+            self.trunk = backbone.trunk
+            self._reference, self._first = backbone, model
+        try:
+            backbone.share_trunk(self.trunk)
+        except ValueError as error:
+            raise MultiTaskError(f"Task {name!r}: {error}") from None
+        stand_in = _TaskFeatures(backbone)
+        _set_submodule(model, find_tuned_backbone(model)[0], stand_in)
+        self._features[name] = stand_in
+        self.tasks[name] = model
+        self.loss_weights[name] = 1.0
+
+    @staticmethod
+    def _backbone(name: str, model: nn.Module) -> E3VASwin:
+        try:
+            _, backbone = find_tuned_backbone(model)
+        except ValueError as error:
+            raise MultiTaskError(f"Task {name!r}: {error}") from None
+        if not isinstance(backbone, E3VASwin):
+            raise MultiTaskError(f"Task {name!r} has a {type(backbone).__name__} backbone; one trunk pass for "
+                                 "several tasks is implemented for Swin trunks (e3va.E3VASwin).")
+        return backbone
+
+    def _check_same_trunk(self, name: str, backbone: E3VASwin, first_name: str) -> None:
+        reference = self._reference
+        if _describe_trunk(backbone) != _describe_trunk(reference):
+            raise MultiTaskError(f"Task {name!r} has a {_describe_trunk(backbone)} trunk, task {first_name!r} "
+                                 f"a {_describe_trunk(reference)} one; tasks sharing a trunk need the same one.")
+        state, reference_state = _frozen_trunk_state(backbone), _frozen_trunk_state(reference)
+        if state.keys() != reference_state.keys():
+            extra = sorted(set(state) ^ set(reference_state))[:3]
+            raise MultiTaskError(f"Task {name!r}: tuning={backbone.method.name!r} changes the trunk itself "
+                                 f"(trunk entries {extra} differ from task {first_name!r}'s); only methods that "
+                                 "leave it unchanged (e3va*, losa, fixed) can share it.")
+        for key, value in state.items():
+            if not torch.equal(value, reference_state[key]):
+                raise MultiTaskError(
+                    f"Task {name!r} holds other frozen trunk weights than task {first_name!r} (first difference: "
+                    f"trunk.{key}); tasks sharing a trunk must be trained on the same base weights.")
+
+    @classmethod
+    def from_configs(cls, base: str, tasks: Sequence[TaskSpec],
+                     loss_weights: Optional[Mapping[str, float]] = None,
+                     device: Optional[torch.device] = None) -> "MultiTaskModel":
+        """Builds every task's model from its config, loads ``base`` then the task's weights, and shares one
+        trunk. Also refuses tasks whose test-time resizing or input format differ (both change the tensor
+        the trunk sees). Models are built one at a time, so at most two trunks are in memory at once."""
+        if not tasks:
+            raise MultiTaskError("A multi-task model needs at least one task.")
+        reference = tasks[0]
+        resizing = {task.name: repr(test_augmentations(task.cfg)) for task in tasks}
+        for task in tasks[1:]:
+            if input_format_of(task.cfg) != input_format_of(reference.cfg):
+                raise MultiTaskError(f"Task {task.name!r} reads {input_format_of(task.cfg)} images, task "
+                                     f"{reference.name!r} {input_format_of(reference.cfg)}.")
+            if resizing[task.name] != resizing[reference.name]:
+                raise MultiTaskError(f"Task {task.name!r} resizes test images with {resizing[task.name]}, task "
+                                     f"{reference.name!r} with {resizing[reference.name]}; the trunk sees one image.")
+        model: Optional[MultiTaskModel] = None
+        for task in tasks:
+            single = instantiate(task.cfg.model)
+            if device is not None:
+                single.to(device)
+            checkpointer = E3VACheckpointer(single)
+            for path in [base, *task.weights]:
+                try:
+                    checkpointer.load(str(path))
+                except ValueError as error:
+                    raise MultiTaskError(f"Task {task.name!r}: {error}") from None
+            # One task at a time, so each task's own trunk is dropped before the next one is built.
+            if model is None:
+                model = cls({task.name: single.eval()})
+            else:
+                model.add_task(task.name, single.eval())
+        assert model is not None
+        model.set_loss_weights(loss_weights or {})
+        model.input_format = input_format_of(reference.cfg)
+        model.augmentations = test_augmentations(reference.cfg)
+        return model.eval()
+
+    def preprocess(self, batched_inputs: List[Dict[str, Any]]) -> ImageList:
+        """Normalises, pads and batches the images as every task's model does (checked at construction)."""
+        model = self._first
+        images = [(x["image"].to(model.pixel_mean.device) - model.pixel_mean) / model.pixel_std
+                  for x in batched_inputs]
+        return ImageList.from_tensors(images, self._reference.size_divisibility,
+                                      padding_constraints=self._reference.padding_constraints)
+
+    def forward(self, batched_inputs: List[Dict[str, Any]]) -> Dict[str, Any]:
+        images = self.preprocess(batched_inputs).tensor
+        backbones = [stand_in.backbone for stand_in in self._features.values()]
+        features = self._reference.forward_tasks(images, backbones)
+        for stand_in, task_features in zip(self._features.values(), features):
+            stand_in.hand_over(images, task_features)
+        if not self.training:
+            return {name: model(batched_inputs) for name, model in self.tasks.items()}
+        losses: Dict[str, torch.Tensor] = {}
+        for name, model in self.tasks.items():
+            for key, value in model(batched_inputs).items():
+                losses[f"{name}/{key}"] = value * self.loss_weights[name]
+        return losses
