@@ -86,9 +86,11 @@ def test_each_task_equals_its_own_model(tasks):
             assert _close(a.pred_masks.float(), b.pred_masks.float()), name
         else:
             assert _close(alone["sem_seg"], got["sem_seg"]), name
-    # One trunk: every task's backbone holds the same module, and its parameters are counted once.
-    trunks = {id(stand_in.backbone.trunk) for stand_in in model._features.values()}
-    assert trunks == {id(model.trunk)}
+    # One trunk: every task's backbone holds the same stages, and their parameters are counted once.
+    assert {id(backbone.trunk.layers) for backbone in model._backbones.values()} == {id(model.trunk.layers)}
+    single = sum(p.numel() for p in _alone(*tasks["detect"]).parameters())
+    trunk = sum(p.numel() for p in model.trunk.layers.parameters())
+    assert sum(p.numel() for p in model.parameters()) < 3 * single - 1.9 * trunk
 
 
 def test_one_trunk_pass_per_batch(tasks):
@@ -156,10 +158,26 @@ def test_joint_training_step_sums_the_tasks_losses(tasks):
         losses = model([{"image": image, "height": 64, "width": 64, "instances": instances, "sem_seg": sem_seg}])
     assert {k.split("/")[0] for k in losses} == set(tasks)
     sum(losses.values()).backward()
-    for name, stand_in in model._features.items():
-        side = stand_in.backbone.side_network
+    for name, backbone in model._backbones.items():
+        side = backbone.side_network
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in side.parameters()), name
-    assert all(p.grad is None for n, p in model.trunk.named_parameters() if not n.startswith("norm"))
+    assert all(p.grad is None for p in model.trunk.layers.parameters())
+
+
+def test_task_file_of_a_multitask_model_loads_into_the_single_task_config(tasks, tmp_path):
+    """Parameter names are unchanged by sharing: a task's part of a multi-task model (e.g. after a joint run)
+    is a task file for its single-task config."""
+    model = MultiTaskModel.from_configs(str(NANO_SWIN_WEIGHTS), [TaskSpec(n, c, [f]) for n, (c, f) in tasks.items()])
+    with torch.no_grad():
+        for p in model.tasks["segment"].parameters():
+            if p.requires_grad:
+                p.mul_(1.5)
+    cfg, _ = tasks["segment"]
+    path = save_trainable(model.tasks["segment"], tmp_path / "segment.pth")
+    alone = _alone(cfg, path)
+    inputs = _inputs(seed=3)
+    with torch.no_grad():
+        assert _close(alone(inputs)[0]["sem_seg"], model(inputs)["segment"][0]["sem_seg"])
 
 
 def test_multitask_infer_tool_writes_pictures_and_raw_outputs(tasks, tmp_path):
@@ -167,7 +185,7 @@ def test_multitask_infer_tool_writes_pictures_and_raw_outputs(tasks, tmp_path):
     image = np.zeros((70, 90, 3), np.uint8)
     cv2.circle(image, (30, 30), 15, (0, 200, 0), -1)
     cv2.imwrite(str(tmp_path / "one.png"), image)
-    (cfg_d, file_d), (cfg_s, file_s) = tasks["detect"], tasks["segment"]
+    (_, file_d), (_, file_s) = tasks["detect"], tasks["segment"]
     out = tmp_path / "out"
     written = tool.main(["--base", str(NANO_SWIN_WEIGHTS),
                          "--task", f"detect=configs/{DETECT}:{file_d}", "--task", f"segment=configs/{SEGMENT}:{file_s}",

@@ -4,9 +4,10 @@ one frozen Swin trunk.
 Side networks never change the trunk (E3VA's highway, LoSA's mixers; ``fixed`` has none), so one forward of
 the trunk can feed every task's side network at once. Each task is a whole Detectron2 model (a detector or a
 semantic segmentor built from its LazyConfig, with its weights); the multi-task model keeps one trunk, moves
-every task's side network onto it (``E3VASwin.share_trunk``), and puts in place of each task's bottom-up
-backbone a stand-in that hands the task its share of the one pass. Each task's FPN, heads and
-post-processing then run as in the task's own model, so its outputs equal that model's.
+every task's side network onto it (``E3VASwin.share_trunk``), runs the trunk once per batch and gives each
+task's backbone its share of that pass (``E3VASwin.give_features``). Each task's model then runs as it would
+alone (FPN, heads, post-processing), so its outputs equal that model's; its parameter names are unchanged, so
+``e3va.save_trainable(model.tasks[name], path)`` writes the task file a single-task config loads.
 
 Tasks must agree on what the trunk sees: the trunk's architecture and frozen weights, the input format,
 normalisation, padding, trunk precision and test-time resizing. A task that differs, or whose method changes
@@ -16,12 +17,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from detectron2.config import instantiate
 from detectron2.structures import ImageList
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from .backbone import find_tuned_backbone
@@ -46,46 +47,6 @@ class TaskSpec:
     name: str
     cfg: DictConfig
     weights: Sequence[str] = ()
-
-
-class _TaskFeatures(nn.Module):
-    """Stands in for a task's bottom-up backbone (its ``E3VASwin``) inside the task's model: returns the
-    features :class:`MultiTaskModel` computed for this task in the shared pass over the same image tensor.
-    Holds the backbone (and so its side network, out norms and the shared trunk) as ``backbone``."""
-
-    def __init__(self, backbone: E3VASwin) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self._pending: Optional[Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = None
-
-    def hand_over(self, images: torch.Tensor, features: Dict[str, torch.Tensor]) -> None:
-        self._pending = (images, features)
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if self._pending is None:
-            raise RuntimeError("A multi-task model's task ran on its own; call the MultiTaskModel instead.")
-        images, features = self._pending
-        self._pending = None
-        if x.shape != images.shape or not torch.equal(x, images):
-            raise RuntimeError("The task normalised or padded the images differently from the shared pass.")
-        return features
-
-    # What meta-architectures and FPN read of a backbone.
-    def output_shape(self):
-        return self.backbone.output_shape()
-
-    @property
-    def size_divisibility(self) -> int:
-        return self.backbone.size_divisibility
-
-    @property
-    def padding_constraints(self) -> Dict[str, int]:
-        return self.backbone.padding_constraints
-
-
-def _set_submodule(model: nn.Module, dotted: str, module: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _describe_trunk(backbone: E3VASwin) -> str:
@@ -127,7 +88,7 @@ class MultiTaskModel(nn.Module):
         if not models:
             raise MultiTaskError("A multi-task model needs at least one task.")
         self.tasks = nn.ModuleDict()
-        self._features: Dict[str, _TaskFeatures] = {}
+        self._backbones: Dict[str, E3VASwin] = {}
         self.loss_weights: Dict[str, float] = {}
         for name, model in models.items():
             self.add_task(name, model)
@@ -161,9 +122,7 @@ class MultiTaskModel(nn.Module):
             backbone.share_trunk(self.trunk)
         except ValueError as error:
             raise MultiTaskError(f"Task {name!r}: {error}") from None
-        stand_in = _TaskFeatures(backbone)
-        _set_submodule(model, find_tuned_backbone(model)[0], stand_in)
-        self._features[name] = stand_in
+        self._backbones[name] = backbone
         self.tasks[name] = model
         self.loss_weights[name] = 1.0
 
@@ -245,14 +204,15 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, batched_inputs: List[Dict[str, Any]]) -> Dict[str, Any]:
         images = self.preprocess(batched_inputs).tensor
-        backbones = [stand_in.backbone for stand_in in self._features.values()]
+        backbones = list(self._backbones.values())
         features = self._reference.forward_tasks(images, backbones)
-        for stand_in, task_features in zip(self._features.values(), features):
-            stand_in.hand_over(images, task_features)
-        if not self.training:
-            return {name: model(batched_inputs) for name, model in self.tasks.items()}
-        losses: Dict[str, torch.Tensor] = {}
-        for name, model in self.tasks.items():
-            for key, value in model(batched_inputs).items():
-                losses[f"{name}/{key}"] = value * self.loss_weights[name]
-        return losses
+        try:
+            for backbone, task_features in zip(backbones, features):
+                backbone.give_features(images, task_features)
+            if not self.training:
+                return {name: model(batched_inputs) for name, model in self.tasks.items()}
+            return {f"{name}/{key}": value * self.loss_weights[name]
+                    for name, model in self.tasks.items() for key, value in model(batched_inputs).items()}
+        finally:
+            for backbone in backbones:
+                backbone.give_features(images, None)  # nothing left behind if a task failed

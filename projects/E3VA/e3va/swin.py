@@ -183,7 +183,7 @@ class E3VASwin(SideTunedBackbone):
         if self.highway_merging == "trainable":
             self.side_merging = nn.ModuleList(TrainableMerging(stage.downsample.dim)
                                               for stage in self.trunk.layers if stage.downsample is not None)
-        self.own_out_norms: Optional[nn.ModuleDict] = None  # set by share_trunk
+        self._features_given: Optional[Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = None  # give_features
         self._out_feature_channels = {f"p{i}": stage_dims[i] for i in range(4)}
         self._out_feature_strides = {f"p{i}": 2 ** (i + 2) for i in range(4)}
 
@@ -199,24 +199,36 @@ class E3VASwin(SideTunedBackbone):
         )
 
     def out_norm(self, stage: int) -> nn.Module:
-        """The norm between stage ``stage`` and the FPN (the trunk's ``norm{stage}``, untrained by ImageNet;
-        this backbone's own once its trunk is shared, see :meth:`share_trunk`)."""
-        return self.own_out_norms[f"norm{stage}"] if self.own_out_norms is not None else getattr(self.trunk, f"norm{stage}")
+        """The norm between stage ``stage`` and the FPN (the trunk's ``norm{stage}``, untrained by ImageNet)."""
+        return getattr(self.trunk, f"norm{stage}")
 
     def share_trunk(self, trunk: SwinTransformer) -> None:
-        """Runs this backbone on ``trunk``, another backbone's (same architecture, same frozen weights: the
-        caller checks), so that one trunk pass feeds several tasks' side networks (:meth:`forward_tasks`,
-        ``e3va.multitask``). Keeps this backbone's own output norms, which train with the side network, and
-        moves its side network's hooks onto ``trunk``; its former trunk is dropped."""
+        """Runs this backbone on the frozen parts of ``trunk``, another backbone's (same architecture, same
+        frozen weights: the caller checks), so that one trunk pass feeds several tasks' side networks
+        (:meth:`forward_tasks`, ``e3va.multitask``). ``self.trunk`` becomes a module that holds ``trunk``'s
+        patch embedding and stages (the same modules) and this backbone's own output norms (which train with
+        the side network), so parameter names stay as they were; the side network's hooks move onto the
+        shared blocks, and the former trunk is dropped."""
         if self.trunk_needs_autograd or (self.method.attach is not None and self._side is None):
             raise ValueError(f"tuning={self.method.name!r} changes the trunk itself; only methods that leave it "
                              "unchanged (e3va*, losa, fixed) can share it.")
-        if self.own_out_norms is None:
-            self.own_out_norms = nn.ModuleDict({name: getattr(self.trunk, name) for name in self._out_norm_names})
+        shared = nn.Module.__new__(type(trunk))
+        shared.__dict__.update(trunk.__dict__)  # plain attributes (num_features, ...), then fresh registries
+        shared._parameters, shared._buffers = dict(trunk._parameters), dict(trunk._buffers)
+        shared._modules = dict(trunk._modules)
+        shared._forward_hooks, shared._forward_pre_hooks = type(trunk._forward_hooks)(), type(trunk._forward_pre_hooks)()
+        for name in self._out_norm_names:
+            shared._modules[name] = getattr(self.trunk, name)
         if self._side is not None:
-            self._side.retap(self._trunk_layout(trunk))
+            self._side.retap(self._trunk_layout(shared))
             self._taps = self._side.taps
-        self.trunk = trunk
+        self.trunk = shared
+
+    def give_features(self, x: torch.Tensor, features: Optional[Dict[str, torch.Tensor]]) -> None:
+        """Makes the next call of this backbone on ``x`` return ``features``, computed for it by a shared pass
+        (:meth:`forward_tasks`), so that a task's own model (its FPN, heads and post-processing) runs
+        unchanged on them; any other input is an error. ``features=None`` withdraws them."""
+        self._features_given = None if features is None else (x, features)
 
     @property
     def size_divisibility(self) -> int:
@@ -232,6 +244,12 @@ class E3VASwin(SideTunedBackbone):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        given = self._features_given
+        if given is not None:
+            self._features_given = None
+            if x.shape != given[0].shape or not torch.equal(x, given[0]):
+                raise RuntimeError("This backbone was given the features of another input (give_features).")
+            return given[1]
         return self.forward_tasks(x, [self])[0]
 
     def forward_tasks(self, x: torch.Tensor, tasks: Sequence["E3VASwin"]) -> List[Dict[str, torch.Tensor]]:
@@ -240,8 +258,8 @@ class E3VASwin(SideTunedBackbone):
         gives them. ``forward(x)`` is ``forward_tasks(x, [self])[0]``."""
         self._check_image(x)
         for task in tasks:
-            if task.trunk is not self.trunk:
-                raise ValueError("forward_tasks: every task's backbone must hold this trunk (share_trunk).")
+            if task.trunk.layers is not self.trunk.layers:
+                raise ValueError("forward_tasks: every task's backbone must hold this trunk's stages (share_trunk).")
         trunk = self.trunk
         trunk_pass = self._trunk_pass(x)
         with trunk_pass():
