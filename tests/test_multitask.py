@@ -208,3 +208,32 @@ def test_multitask_infer_tool_names_a_task_that_cannot_share(tmp_path, capsys):
                    "model.backbone.bottom_up.tuning=full"])
     assert exit_info.value.code == 2
     assert "Task 'a'" in capsys.readouterr().err
+
+
+def test_joint_config_trains_and_its_task_files_load_into_the_single_task_configs(tmp_path, restore_loggers):
+    """configs/Shapes/multitask_e3va.py through the training tool, two steps on a small shapes split: both
+    tasks are evaluated in one pass, and each task file serves its single-task config."""
+    from detectron2.engine import default_argument_parser
+
+    from e3va.data.shapes import register_shapes_datasets
+
+    register_shapes_datasets(tmp_path / "data", num_train=4, num_val=2, image_size=64, names=("mt_train", "mt_val"),
+                             sem_seg_names=("mt_sem_train", "mt_sem_val"))
+    out = tmp_path / "out"
+    data = ["dataloader.train.dataset.instances=mt_train", "dataloader.train.dataset.sem_seg=mt_sem_train",
+            "dataloader.test.dataset.instances=mt_val", "dataloader.test.dataset.sem_seg=mt_sem_val",
+            "dataloader.evaluator.0.evaluator.dataset_name=mt_val",
+            "dataloader.evaluator.1.evaluator.dataset_name=mt_sem_val", "dataloader.train.total_batch_size=2"]
+    args = default_argument_parser().parse_args(
+        ["--config-file", "configs/Shapes/multitask_e3va.py", "train.max_iter=2", "train.eval_period=2",
+         f"train.output_dir={out}", *data])
+    results = load_tool("lazyconfig_train_net").main(args)
+    assert {"detect/bbox", "detect/segm", "segment/sem_seg"} <= set(results)
+
+    for name, relpath in (("detect", DETECT), ("segment", SEGMENT)):
+        single = instantiate(load_config(relpath).model)
+        E3VACheckpointer(single).load(str(NANO_SWIN_WEIGHTS))
+        before = {k: v.clone() for k, v in single.backbone.bottom_up.side_network.state_dict().items()}
+        load_trainable(single, out / f"{name}_trainable.pth")  # refused if any name, shape or base differed
+        after = single.backbone.bottom_up.side_network.state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before), name  # trained: moved off init

@@ -43,7 +43,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     ]),
     "swin_b": dict(size=512, tasks=[
         ("e3va_mask_rcnn", "configs/COCO/mask_rcnn_swin_b_e3va.py", []),
-        ("e3va_upernet", "configs/ADE20K/upernet_swin_b_e3va.py", []),
+        ("e3va_upernet", "configs/ADE20K/upernet_swin_b_e3va.py", ["model.backbone.bottom_up.window_size=7"]),
         ("losa_mask_rcnn", "configs/COCO/mask_rcnn_swin_b_e3va.py", ["model.backbone.bottom_up.tuning=losa"]),
     ]),
 }

@@ -16,11 +16,14 @@ the trunk itself (full, lora, adapter, ...), is refused with its name and the di
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from detectron2.config import instantiate
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import ImageList
 from omegaconf import DictConfig
 from torch import nn
@@ -29,8 +32,9 @@ from .backbone import find_tuned_backbone
 from .checkpoint import E3VACheckpointer
 from .predictor import input_format_of, test_augmentations
 from .swin import E3VASwin
+from .trainable import save_trainable
 
-__all__ = ["MultiTaskError", "MultiTaskModel", "TaskSpec"]
+__all__ = ["MultiTaskError", "MultiTaskModel", "TaskEvaluator", "TaskSpec", "task_models"]
 
 logger = logging.getLogger("e3va")
 
@@ -47,6 +51,12 @@ class TaskSpec:
     name: str
     cfg: DictConfig
     weights: Sequence[str] = ()
+
+
+def task_models(**models: nn.Module) -> Dict[str, nn.Module]:
+    """``{name: model}`` in the order given, for a LazyConfig: ``L(MultiTaskModel)(models=L(task_models)(
+    detect=..., segment=...))`` (``instantiate`` builds the models of a call's arguments, not of a dict's)."""
+    return dict(models)
 
 
 def _describe_trunk(backbone: E3VASwin) -> str:
@@ -81,12 +91,17 @@ class MultiTaskModel(nn.Module):
         models: task name -> a Detectron2 model with an ``E3VASwin`` backbone, weights already loaded. Their
             trunks must hold the same architecture and frozen weights; the first one is kept and shared.
         loss_weights: task name -> the factor of its losses in training (default 1 for every task).
+        check_weights: refuse tasks whose frozen trunk weights differ. False for a model built to train
+            (``configs/Shapes/multitask_e3va.py``): the tasks' trunks are random until the base weights load
+            into the shared one (``train.init_checkpoint``); the architecture is checked either way.
     """
 
-    def __init__(self, models: Mapping[str, nn.Module], loss_weights: Optional[Mapping[str, float]] = None) -> None:
+    def __init__(self, models: Mapping[str, nn.Module], loss_weights: Optional[Mapping[str, float]] = None,
+                 check_weights: bool = True) -> None:
         super().__init__()
         if not models:
             raise MultiTaskError("A multi-task model needs at least one task.")
+        self.check_weights = check_weights
         self.tasks = nn.ModuleDict()
         self._backbones: Dict[str, E3VASwin] = {}
         self.loss_weights: Dict[str, float] = {}
@@ -149,7 +164,7 @@ class MultiTaskModel(nn.Module):
                                  f"(trunk entries {extra} differ from task {first_name!r}'s); only methods that "
                                  "leave it unchanged (e3va*, losa, fixed) can share it.")
         for key, value in state.items():
-            if not torch.equal(value, reference_state[key]):
+            if self.check_weights and not torch.equal(value, reference_state[key]):
                 raise MultiTaskError(
                     f"Task {name!r} holds other frozen trunk weights than task {first_name!r} (first difference: "
                     f"trunk.{key}); tasks sharing a trunk must be trained on the same base weights.")
@@ -202,6 +217,12 @@ class MultiTaskModel(nn.Module):
         return ImageList.from_tensors(images, self._reference.size_divisibility,
                                       padding_constraints=self._reference.padding_constraints)
 
+    def save_task_files(self, directory: Union[str, os.PathLike], config: Optional[str] = None) -> Dict[str, Path]:
+        """One trainable-only task file per task, ``<directory>/<task>_trainable.pth``, each loadable into
+        that task's single-task config (``train.trainable_checkpoint``) or served again by this model."""
+        return {name: save_trainable(model, Path(directory) / f"{name}_trainable.pth", config=config)
+                for name, model in self.tasks.items()}
+
     def forward(self, batched_inputs: List[Dict[str, Any]]) -> Dict[str, Any]:
         images = self.preprocess(batched_inputs).tensor
         backbones = list(self._backbones.values())
@@ -216,3 +237,25 @@ class MultiTaskModel(nn.Module):
         finally:
             for backbone in backbones:
                 backbone.give_features(images, None)  # nothing left behind if a task failed
+
+
+class TaskEvaluator(DatasetEvaluator):
+    """Detectron2's ``evaluator`` for one task of a :class:`MultiTaskModel`: feeds it that task's outputs
+    and names its results ``<task>/<metric group>`` (e.g. ``detect/bbox``, ``segment/sem_seg``), so that a
+    list of them evaluates every task in one pass over the test set."""
+
+    def __init__(self, task: str, evaluator: DatasetEvaluator) -> None:
+        self.task = task
+        self.evaluator = evaluator
+
+    def reset(self) -> None:
+        self.evaluator.reset()
+
+    def process(self, inputs: List[Dict[str, Any]], outputs: Mapping[str, Any]) -> None:
+        if self.task not in outputs:
+            raise KeyError(f"TaskEvaluator: no task {self.task!r} among the model's outputs {sorted(outputs)}.")
+        self.evaluator.process(inputs, outputs[self.task])
+
+    def evaluate(self) -> Optional[Dict[str, Any]]:
+        results = self.evaluator.evaluate()
+        return None if results is None else {f"{self.task}/{key}": value for key, value in results.items()}

@@ -257,7 +257,7 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
     convert_sync_batchnorm_for_cpu(model, device)  # before the optimizer: it makes new modules
     print_trainable_parameters(model, logger)
     trainable_only = bool(cfg.train.get("trainable_only_checkpoints", False))
-    record = config_record(cfg) if trainable_only else None  # before the optimizer (a live object) enters cfg
+    record = config_record(cfg)  # before the optimizer (a live object) enters cfg
 
     optimizer = build_optimizer(cfg, model)
     train_loader = instantiate(cfg.dataloader.train)
@@ -265,7 +265,8 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
     model = create_ddp_model(model, device, **cfg.train.ddp)
     trainer = (AMPTrainer if use_amp(cfg, device) else SimpleTrainer)(model, train_loader, optimizer)
     checkpointer = build_checkpointer(
-        model, cfg.train.output_dir, trainable_only=trainable_only, config=record, trainer=trainer
+        model, cfg.train.output_dir, trainable_only=trainable_only, config=record if trainable_only else None,
+        trainer=trainer,
     )
 
     result = TrainResult(model=getattr(model, "module", model), trainer=trainer)
@@ -310,6 +311,9 @@ def do_train(args: argparse.Namespace, cfg: DictConfig) -> TrainResult:
         start_iter = 0
     trainer.train(start_iter, cfg.train.max_iter)
     result.summary = memory_hook.last_summary
+    if main_process and hasattr(result.model, "save_task_files"):  # e3va.multitask.MultiTaskModel
+        for name, path in result.model.save_task_files(cfg.train.output_dir, config=record).items():
+            logger.info(f"Task {name!r}: trainable-only task file {path}")
     return result
 
 
