@@ -32,13 +32,12 @@ import torch
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
-from detectron2.utils.logger import setup_logger
 
 TOOLS = str(Path(__file__).resolve().parent)
 if TOOLS not in sys.path:  # the visualiser's argument helpers, beside this file (as when run as a script)
     sys.path.insert(0, TOOLS)
 from visualize_predictions import (  # noqa: E402
-    UsageError, _split_overrides, check_weights, config_metadata, input_images, load_config, output_path,
+    UsageError, _split_overrides, check_weights, config_metadata, input_images, load_config, output_path, run_tool,
 )
 
 from e3va.multitask import MultiTaskError, MultiTaskModel, TaskSpec  # noqa: E402
@@ -151,19 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     """The command line; bad arguments and tasks that cannot share the trunk exit with status 2, unreadable
     images (after the others are done) with status 1."""
     args = parse_args(argv)
-    setup_logger(name="e3va", abbrev_name="e3va")
-    setup_logger(name="detectron2", abbrev_name="d2")
-    try:
-        written, unreadable = infer(args)
-    except UsageError as error:
-        print(f"multitask_infer: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"Wrote {len(written)} picture(s) and the raw outputs to {args.output}")
-    if unreadable:
-        listed = "\n  ".join(unreadable)
-        print(f"multitask_infer: error: skipped {len(unreadable)} unreadable image(s):\n  {listed}", file=sys.stderr)
-        raise SystemExit(1)
-    return written
+    return run_tool("multitask_infer", infer, args, f"picture(s) and the raw outputs to {args.output}")
 
 
 if __name__ == "__main__":

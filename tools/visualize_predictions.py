@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -199,24 +199,31 @@ def visualize(args: argparse.Namespace) -> Tuple[List[Path], List[str]]:
     return written, unreadable
 
 
+def run_tool(prog: str, work: Callable[[argparse.Namespace], Tuple[List[Path], List[str]]],
+             args: argparse.Namespace, wrote: str) -> List[Path]:
+    """Runs ``work(args)`` (written files, unreadable images' errors) with the exit codes of the drawing
+    tools: a :class:`UsageError` exits with status 2 and its message; unreadable images, after the others are
+    done, with status 1 and their names. Prints ``Wrote <count> <wrote>``; returns the written paths."""
+    setup_logger(name="e3va", abbrev_name="e3va")
+    setup_logger(name="detectron2", abbrev_name="d2")
+    try:
+        written, unreadable = work(args)
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"Wrote {len(written)} {wrote}")
+    if unreadable:
+        listed = "\n  ".join(unreadable)
+        print(f"{prog}: error: skipped {len(unreadable)} unreadable image(s):\n  {listed}", file=sys.stderr)
+        raise SystemExit(1)
+    return written
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
     """The command line; returns the written PNG paths. Bad arguments exit with status 2 and a message;
     unreadable images, after the others are drawn, with status 1 and their names."""
     args = parse_args(argv)
-    setup_logger(name="e3va", abbrev_name="e3va")
-    setup_logger(name="detectron2", abbrev_name="d2")
-    try:
-        written, unreadable = visualize(args)
-    except UsageError as error:
-        print(f"visualize_predictions: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"Wrote {len(written)} image(s) to {args.output}")
-    if unreadable:
-        listed = "\n  ".join(unreadable)
-        print(f"visualize_predictions: error: skipped {len(unreadable)} unreadable image(s):\n  {listed}",
-              file=sys.stderr)
-        raise SystemExit(1)
-    return written
+    return run_tool("visualize_predictions", visualize, args, f"image(s) to {args.output}")
 
 
 if __name__ == "__main__":

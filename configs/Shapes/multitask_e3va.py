@@ -11,15 +11,14 @@ trainable-only file per task, ``<output_dir>/<task>_trainable.pth``, loadable in
     .venv/bin/python tools/lazyconfig_train_net.py --config-file configs/Shapes/multitask_e3va.py
 """
 from detectron2.config import LazyCall as L
-from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
-from detectron2.data import transforms as T
 from omegaconf import OmegaConf
 
 from e3va.data.joint import with_semantic_labels
 from e3va.multitask import MultiTaskModel, TaskEvaluator, task_models
-from e3va.swin import NANO_IMAGE_FORMAT
 
-from .mask_rcnn_e3va import dataloader as detect_data, lr_multiplier, model as detect_model, optimizer, train
+# The detector's schedule (AdamW 1e-3, one decay step) and train settings, for both tasks.
+from .mask_rcnn_e3va import lr_multiplier, optimizer, train  # noqa: F401 (config entries)
+from .mask_rcnn_e3va import dataloader as detect_data, model as detect_model
 from .semseg_upernet_e3va import dataloader as segment_data, model as segment_model
 
 model = L(MultiTaskModel)(
@@ -28,29 +27,16 @@ model = L(MultiTaskModel)(
     check_weights=False,  # the base weights load into the shared trunk after construction (train.init_checkpoint)
 )
 
-# ---- data: the shapes images with their instances and their semantic labels, flipped together
+# ---- data: the detector's loaders (flip, batch 4), on the shapes images with both kinds of labels
 dataloader = OmegaConf.create()
-dataloader.train = L(build_detection_train_loader)(
-    dataset=L(with_semantic_labels)(instances="shapes_train", sem_seg="shapes_sem_seg_train"),
-    mapper=L(DatasetMapper)(
-        is_train=True,
-        augmentations=[L(T.RandomFlip)(horizontal=True)],
-        image_format=NANO_IMAGE_FORMAT,
-        use_instance_mask=True,
-    ),
-    total_batch_size=4,
-    num_workers=1,
-)
-dataloader.test = L(build_detection_test_loader)(
-    dataset=L(with_semantic_labels)(instances="shapes_val", sem_seg="shapes_sem_seg_val"),
-    mapper=L(DatasetMapper)(is_train=False, augmentations=[], image_format=NANO_IMAGE_FORMAT),
-    num_workers=1,
-)
+dataloader.train = detect_data.train
+dataloader.train.dataset = L(with_semantic_labels)(instances="shapes_train", sem_seg="shapes_sem_seg_train")
+dataloader.test = detect_data.test
+dataloader.test.dataset = L(with_semantic_labels)(instances="shapes_val", sem_seg="shapes_sem_seg_val")
 dataloader.evaluator = [
     L(TaskEvaluator)(task="detect", evaluator=detect_data.evaluator),
     L(TaskEvaluator)(task="segment", evaluator=segment_data.evaluator),
 ]
 dataloader.evaluator[1].evaluator.dataset_name = "shapes_sem_seg_val"
 
-# ---- schedule: the detector's (AdamW 1e-3, one decay step), for both tasks
 train.output_dir = "./output/shapes_multitask_e3va"
