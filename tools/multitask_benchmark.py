@@ -2,10 +2,11 @@
 """K tasks on one trunk pass (``e3va.multitask.MultiTaskModel``) against the K task models run one after the
 other: time per image, resident memory and weight memory, for K = 1, 2, 3.
 
-Two presets: ``shapes`` (the nano Swin trunk, ``projects/E3VA/e3va/weights``: E3VA Mask R-CNN, E3VA UperNet,
-LoSA Mask R-CNN from configs/Shapes, 128x128 images) and ``swin_b`` (Swin-B, random weights: E3VA Mask R-CNN
-and LoSA Mask R-CNN from configs/COCO, E3VA UperNet from configs/ADE20K, 512x512 images). Side networks and
-heads keep their initialisation (random weights are enough for time and memory).
+Presets: ``shapes`` (the nano Swin trunk, ``projects/E3VA/e3va/weights``: E3VA Mask R-CNN, E3VA UperNet,
+LoSA Mask R-CNN from configs/Shapes, 128x128 images), ``swin_b`` (Swin-B, random weights: E3VA Mask R-CNN
+and LoSA Mask R-CNN from configs/COCO, E3VA UperNet from configs/ADE20K at window 7, 512x512 images) and
+``swin_b_detectors`` (E3VA Mask R-CNN, E3VA Cascade Mask R-CNN, LoSA Mask R-CNN). Side networks and heads keep
+their initialisation (random weights are enough for time and memory).
 
 Time: one process builds both the K separate models and the multi-task model, then alternates them on the
 same image (``--runs`` times each, after a warm-up) and reports medians, so that the host's drift hits both
@@ -44,6 +45,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "swin_b": dict(size=512, tasks=[
         ("e3va_mask_rcnn", "configs/COCO/mask_rcnn_swin_b_e3va.py", []),
         ("e3va_upernet", "configs/ADE20K/upernet_swin_b_e3va.py", ["model.backbone.bottom_up.window_size=7"]),
+        ("losa_mask_rcnn", "configs/COCO/mask_rcnn_swin_b_e3va.py", ["model.backbone.bottom_up.tuning=losa"]),
+    ]),
+    # Three detectors: the trunk is a larger share of each model than beside UperNet's 512-channel head.
+    "swin_b_detectors": dict(size=512, tasks=[
+        ("e3va_mask_rcnn", "configs/COCO/mask_rcnn_swin_b_e3va.py", []),
+        ("e3va_cascade_mask_rcnn", "configs/COCO/cascade_mask_rcnn_swin_b_e3va.py", []),
         ("losa_mask_rcnn", "configs/COCO/mask_rcnn_swin_b_e3va.py", ["model.backbone.bottom_up.tuning=losa"]),
     ]),
 }
