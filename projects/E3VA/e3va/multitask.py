@@ -15,7 +15,6 @@ the trunk itself (full, lora, adapter, ...), is refused with its name and the di
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,6 @@ from .swin import E3VASwin
 from .trainable import save_trainable
 
 __all__ = ["MultiTaskError", "MultiTaskModel", "TaskEvaluator", "TaskSpec", "task_models"]
-
-logger = logging.getLogger("e3va")
-
 
 class MultiTaskError(ValueError):
     """Tasks that cannot share one trunk pass; the message names the task and what differs."""
@@ -102,6 +98,9 @@ class MultiTaskModel(nn.Module):
         if not models:
             raise MultiTaskError("A multi-task model needs at least one task.")
         self.check_weights = check_weights
+        # What a caller feeding raw images needs (tools/multitask_infer.py); known when built from configs.
+        self.input_format: Optional[str] = None
+        self.augmentations: List[Any] = []
         self.tasks = nn.ModuleDict()
         self._backbones: Dict[str, E3VASwin] = {}
         self.loss_weights: Dict[str, float] = {}
@@ -214,8 +213,8 @@ class MultiTaskModel(nn.Module):
         model = self._first
         images = [(x["image"].to(model.pixel_mean.device) - model.pixel_mean) / model.pixel_std
                   for x in batched_inputs]
-        return ImageList.from_tensors(images, self._reference.size_divisibility,
-                                      padding_constraints=self._reference.padding_constraints)
+        return ImageList.from_tensors(images, model.backbone.size_divisibility,
+                                      padding_constraints=model.backbone.padding_constraints)
 
     def save_task_files(self, directory: Union[str, os.PathLike], config: Optional[str] = None) -> Dict[str, Path]:
         """One trainable-only task file per task, ``<directory>/<task>_trainable.pth``, each loadable into
