@@ -53,7 +53,8 @@ class Mutant(NamedTuple):  # not a dataclass: tests load this script without reg
 MUTANTS: Tuple[Mutant, ...] = (
     # ---- the five changes issue 21 found unguarded, in today's layout
     Mutant("crossing_removed", "e3va/swin.py",
-           "carried = self._recomputed(merge, y, packed if frozen else None, params) - tokens", "carried = None",
+           "return y, packed, self._recomputed(merge, y, packed if frozen else None, params) - tokens",
+           "return y, packed, None",
            (REF_SWIN_E3VA, REF_SWIN_LOSA), "the side state no longer crosses the patch merging"),
     Mutant("mlp_tap_on_block", "e3va/methods/e3va.py",
            "block.norm2.register_forward_pre_hook(self._feed_input(beside_mlp, first=False))",
