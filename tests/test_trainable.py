@@ -4,7 +4,9 @@ import sys
 
 import pytest
 import torch
+import yaml
 from detectron2.config import LazyConfig, instantiate
+from omegaconf import OmegaConf
 
 from e3va import (
     NANO_SWIN_WEIGHTS,
@@ -15,7 +17,7 @@ from e3va import (
     read_checkpoint_file,
     save_trainable,
 )
-from e3va.trainable import base_fingerprint, trainable_state_dict
+from e3va.trainable import base_fingerprint, config_record, trainable_metadata, trainable_state_dict
 from helpers import REPO, load_config
 
 CONFIG = "common/models/mask_rcnn_swin_e3va.py"
@@ -97,6 +99,33 @@ def test_trainable_only_file_is_refused_by_another_method_base_or_shape(tmp_path
     other_rank = _detector(rank=2)
     with pytest.raises(TrainableCheckpointError, match="shape mismatches"):
         load_trainable(other_rank, path)
+
+
+def test_a_trainable_only_checkpointer_writes_the_trainable_part_and_names_it_last(tmp_path):
+    model = _detector()
+    _train_a_little(model)
+    checkpointer = E3VACheckpointer(model, str(tmp_path), trainable_only=True, config="# the config")
+    checkpointer.save("model_0000009", iteration=9)
+    saved = torch.load(tmp_path / "model_0000009.pth", weights_only=True)
+    assert saved["e3va_trainable"] == trainable_metadata(model, "# the config") and saved["iteration"] == 9
+    expected = trainable_state_dict(model)
+    assert set(saved["model"]) == set(expected) and all(torch.equal(saved["model"][k], v) for k, v in expected.items())
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    checkpointer.save_to_disk = False  # as on every rank but the first: writes nothing
+    checkpointer.save("model_0000019")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000009.pth"]
+
+
+def test_config_record_is_the_yaml_detectron2_writes_or_none(monkeypatch):
+    cfg = OmegaConf.create({"train": {"max_iter": 3}})
+    assert yaml.safe_load(config_record(cfg)) == {"train": {"max_iter": 3}}
+
+    def cannot_write(cfg, filename):
+        raise TypeError("not representable")
+
+    # The record is informative: a config that cannot be written must not stop the save.
+    monkeypatch.setattr(LazyConfig, "save", staticmethod(cannot_write))
+    assert config_record(cfg) is None
 
 
 def test_base_fingerprint_sees_frozen_weights_only():
