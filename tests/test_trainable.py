@@ -17,7 +17,8 @@ from e3va import (
     read_checkpoint_file,
     save_trainable,
 )
-from e3va.trainable import base_fingerprint, config_record, trainable_metadata, trainable_state_dict
+from e3va.trainable import (base_fingerprint, config_record, missing_trainable, trainable_metadata,
+                            trainable_state_dict)
 from helpers import REPO, load_config
 
 CONFIG = "common/models/mask_rcnn_swin_e3va.py"
@@ -111,9 +112,37 @@ def test_a_trainable_only_checkpointer_writes_the_trainable_part_and_names_it_la
     expected = trainable_state_dict(model)
     assert set(saved["model"]) == set(expected) and all(torch.equal(saved["model"][k], v) for k, v in expected.items())
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert checkpointer._holds_trainable_only(str(tmp_path / "model_0000009.pth"))  # resume reads it so
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    assert not checkpointer._holds_trainable_only(str(tmp_path / "garbage.pth"))  # load() will say why
+    (tmp_path / "garbage.pth").unlink()
+    with pytest.raises(ValueError, match="plain file name"):
+        checkpointer.save("../model_outside")
     checkpointer.save_to_disk = False  # as on every rank but the first: writes nothing
     checkpointer.save("model_0000019")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000009.pth"]
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))  # trained
+        self.register_buffer("scale", torch.ones(1))  # belongs to the trained module: saved
+        self.bn = torch.nn.BatchNorm1d(2).requires_grad_(False)  # frozen, with buffers: base
+
+
+class _Outer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.zeros(3))  # no trained parameter of its own: base
+        self.inner = _Inner()
+
+
+def test_trainable_state_dict_keeps_the_trained_modules_own_tensors_only():
+    assert set(trainable_state_dict(_Outer())) == {"inner.w", "inner.scale"}
+    assert set(trainable_state_dict(torch.nn.Linear(2, 2))) == {"weight", "bias"}  # the root's: no prefix
+    ddp_names = {f"module.{k}": v for k, v in _Outer().state_dict().items()}  # as DDP saves them
+    assert missing_trainable(_Outer(), ddp_names) == []
 
 
 def test_config_record_is_the_yaml_detectron2_writes_or_none(monkeypatch):

@@ -16,18 +16,21 @@ cp "$REPO/tools/mutmut/setup.cfg" "$STAGE/setup.cfg"
 # one thread each, since the development machine has 2 cores.
 export PYTHONPATH="$STAGE/mutants" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 cd "$STAGE"
-# Default: the side network and the checkpoint-writing functions. checkpoint.py and trainable.py also read
-# and check files; those functions are mutated (mutmut works per file) but not run here.
-if [ "$#" -eq 0 ]; then
-  set -- run --max-children 1 'e3va.side_memory.*' 'e3va.atomic.*' \
-    'e3va.checkpoint.xǁE3VACheckpointerǁ__init____*' 'e3va.checkpoint.xǁE3VACheckpointerǁsave__*' \
-    'e3va.checkpoint.xǁE3VACheckpointerǁtag_last_checkpoint__*' \
-    'e3va.checkpoint.xǁE3VACheckpointerǁ_holds_trainable_only__*' \
-    'e3va.trainable.x__unwrap__*' 'e3va.trainable.x__without_ddp_prefix__*' \
-    'e3va.trainable.x_trainable_state_dict__*' 'e3va.trainable.x_base_fingerprint__*' \
-    'e3va.trainable.x_tuning_method_of__*' 'e3va.trainable.x_side_network_of__*' \
-    'e3va.trainable.x_full_checkpoint__*' 'e3va.trainable.x_holds_side_network__*' \
-    'e3va.trainable.x_trainable_metadata__*' 'e3va.trainable.x_config_record__*' \
-    'e3va.trainable.x_trainable_checkpoint__*' 'e3va.trainable.x_save_trainable__*'
+# The side network and the checkpoint-writing functions. checkpoint.py and trainable.py also read and
+# check files; mutmut mutates whole files, but those functions' mutants are not run.
+PATTERNS=('e3va.side_memory.*' 'e3va.atomic.*'
+  'e3va.checkpoint.xǁE3VACheckpointerǁ__init____*' 'e3va.checkpoint.xǁE3VACheckpointerǁsave__*'
+  'e3va.checkpoint.xǁE3VACheckpointerǁtag_last_checkpoint__*'
+  'e3va.checkpoint.xǁE3VACheckpointerǁ_holds_trainable_only__*'
+  'e3va.trainable.x__unwrap__*' 'e3va.trainable.x__without_ddp_prefix__*'
+  'e3va.trainable.x_trainable_state_dict__*' 'e3va.trainable.x_base_fingerprint__*'
+  'e3va.trainable.x_tuning_method_of__*' 'e3va.trainable.x_side_network_of__*'
+  'e3va.trainable.x_full_checkpoint__*' 'e3va.trainable.x_holds_side_network__*'
+  'e3va.trainable.x_trainable_metadata__*' 'e3va.trainable.x_config_record__*'
+  'e3va.trainable.x_trainable_checkpoint__*' 'e3va.trainable.x_save_trainable__*')
+if [ "$#" -eq 0 ]; then set -- run --max-children 1 "${PATTERNS[@]}"; fi
+if [ "$1" = summary ]; then  # the per-module table of docs/MUTATION.md
+  "$PYTHON" -m mutmut results --all true | "$PYTHON" "$REPO/tools/mutmut_summary.py" "${PATTERNS[@]}"
+  exit
 fi
 exec "$PYTHON" -m mutmut "$@"
