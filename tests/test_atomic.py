@@ -73,3 +73,16 @@ def test_writes_fsync_the_file_and_its_folder_unless_told_not_to(tmp_path, monke
     kwargs = {} if durable is None else {"durable": durable}
     atomic_write_bytes(b"x", tmp_path / "b.bin", **kwargs)
     assert len(calls) == fsyncs
+
+
+def test_a_folder_that_cannot_be_opened_for_fsync_does_not_fail_the_write(tmp_path, monkeypatch):
+    # Not every platform can open a directory; the directory fsync is best effort.
+    real_open = os.open
+
+    def open_files_only(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError("cannot open a directory here")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_files_only)
+    assert atomic_write_bytes(b"x", tmp_path / "b.bin").read_bytes() == b"x"

@@ -17,8 +17,8 @@ from e3va import (
     read_checkpoint_file,
     save_trainable,
 )
-from e3va.trainable import (base_fingerprint, config_record, missing_trainable, trainable_metadata,
-                            trainable_state_dict)
+from e3va.trainable import (base_fingerprint, config_record, full_checkpoint, holds_side_network, missing_trainable,
+                            trainable_metadata, trainable_state_dict)
 from helpers import REPO, load_config
 
 CONFIG = "common/models/mask_rcnn_swin_e3va.py"
@@ -102,7 +102,8 @@ def test_trainable_only_file_is_refused_by_another_method_base_or_shape(tmp_path
         load_trainable(other_rank, path)
 
 
-def test_a_trainable_only_checkpointer_writes_the_trainable_part_and_names_it_last(tmp_path):
+def test_a_trainable_only_checkpointer_writes_the_trainable_part_and_names_it_last(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
     model = _detector()
     _train_a_little(model)
     checkpointer = E3VACheckpointer(model, str(tmp_path), trainable_only=True, config="# the config")
@@ -120,7 +121,10 @@ def test_a_trainable_only_checkpointer_writes_the_trainable_part_and_names_it_la
         checkpointer.save("../model_outside")
     checkpointer.save_to_disk = False  # as on every rank but the first: writes nothing
     checkpointer.save("model_0000019")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000009.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "last_checkpoint", "model_0000009.pth"]
+    monkeypatch.chdir(tmp_path / "elsewhere")  # without a save_dir, nothing is written either
+    E3VACheckpointer(model, trainable_only=True).save("model_0000029")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 class _Inner(torch.nn.Module):
@@ -138,11 +142,21 @@ class _Outer(torch.nn.Module):
         self.inner = _Inner()
 
 
+class _DDPLike(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.module = _Outer()  # as DistributedDataParallel holds the model
+
+
 def test_trainable_state_dict_keeps_the_trained_modules_own_tensors_only():
     assert set(trainable_state_dict(_Outer())) == {"inner.w", "inner.scale"}
+    assert set(trainable_state_dict(_DDPLike())) == {"inner.w", "inner.scale"}  # unwrapped
+    assert set(full_checkpoint(_Outer())) == {"model"}  # no E3VA backbone: no tuning or side-network record
     assert set(trainable_state_dict(torch.nn.Linear(2, 2))) == {"weight", "bias"}  # the root's: no prefix
     ddp_names = {f"module.{k}": v for k, v in _Outer().state_dict().items()}  # as DDP saves them
     assert missing_trainable(_Outer(), ddp_names) == []
+    assert holds_side_network({"backbone.bottom_up.losa.0.w": 0}) and holds_side_network({"a.highway.b": 0})
+    assert not holds_side_network({"backbone.bottom_up.blocks.0.w": 0})
 
 
 def test_config_record_is_the_yaml_detectron2_writes_or_none(monkeypatch):
