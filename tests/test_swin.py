@@ -307,6 +307,8 @@ def test_fp8_scales_each_token_to_fill_the_range_and_comes_back_in_the_compute_d
     fp8_max = torch.finfo(torch.float8_e4m3fn).max
     assert torch.equal(stored.float().abs().amax(-1), torch.full((2, 5), fp8_max))  # each token fills it
     assert CompactInput.unpack(stored, scale, torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="float8_e4m3fn"):  # the message lists the choices
+        CompactInput("float16")
 
 
 def test_a_parameter_the_recomputed_layer_does_not_use_gets_no_gradient():

@@ -194,6 +194,8 @@ def test_files_needing_arbitrary_unpickling_are_refused_unless_opted_in(tmp_path
     with pytest.raises(CheckpointReadError, match="E3VA_ALLOW_UNSAFE_PICKLE=1"):
         E3VACheckpointer(_detector()).load(str(path))
     assert isinstance(read_checkpoint_file(str(path), allow_unsafe_pickle=True)["extra"], _NotATensor)
+    opted_in = E3VACheckpointer(_detector(), allow_unsafe_pickle=True)  # the checkpointer passes it on
+    assert isinstance(opted_in.load(str(path))["extra"], _NotATensor)
     monkeypatch.setenv("E3VA_ALLOW_UNSAFE_PICKLE", "1")
     assert isinstance(read_checkpoint_file(str(path))["extra"], _NotATensor)
 
