@@ -309,6 +309,7 @@ def test_fp8_scales_each_token_to_fill_the_range_and_comes_back_in_the_compute_d
     assert CompactInput.unpack(stored, scale, torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="float8_e4m3fn"):  # the message lists the choices
         CompactInput("float16")
+    assert repr(CompactInput("bfloat16")) == "CompactInput('bfloat16')"  # as module reprs show it
 
 
 def test_a_parameter_the_recomputed_layer_does_not_use_gets_no_gradient():

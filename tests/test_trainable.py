@@ -163,6 +163,14 @@ def test_config_record_is_the_yaml_detectron2_writes_or_none(monkeypatch):
     cfg = OmegaConf.create({"train": {"max_iter": 3}})
     assert yaml.safe_load(config_record(cfg)) == {"train": {"max_iter": 3}}
 
+    def cannot_dump(*args, **kwargs):
+        raise yaml.representer.RepresenterError("not representable")
+
+    # LazyConfig.save then writes a pickle only, no YAML: nothing to record.
+    with monkeypatch.context() as m:
+        m.setattr(yaml, "dump", cannot_dump)
+        assert config_record(cfg) is None
+
     def cannot_write(cfg, filename):
         raise TypeError("not representable")
 
