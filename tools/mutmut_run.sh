@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs mutmut (real mutation testing) over the modules listed in tools/mutmut/setup.cfg.
-# Usage: tools/mutmut_run.sh [mutmut args...]   (default: run --max-children 1; then e.g. "results")
+# Runs mutmut over the files of tools/mutmut/setup.cfg, from the staging folder .mutmut/ (docs/MUTATION.md).
+# Usage: tools/mutmut_run.sh                  run the mutants of PATTERNS below, one worker
+#        tools/mutmut_run.sh summary          the per-module table
+#        tools/mutmut_run.sh ARGS...          any mutmut command (results, show NAME, ...)
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
