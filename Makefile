@@ -2,7 +2,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.e3va-installed
 
-.PHONY: demo test install mutation check-venv
+.PHONY: demo test install mutation mutation-hand check-venv
 
 # The stamp makes a second `make` skip the install; editing setup.py or the installer refreshes it.
 $(STAMP): setup.py tools/install.sh
@@ -23,7 +23,14 @@ test: check-venv $(STAMP)
 demo: check-venv $(STAMP)
 	$(PYTHON) tools/demo.py
 
-# Not part of `make test` (about 15 minutes on 2 CPU cores): hand-written mutants, each against the tests
-# chosen to catch it; writes its table into docs/MUTATION.md.
+# Not part of `make test`. `make mutation`: mutmut (a dev tool, installed on demand, not a dependency)
+# over the side network and the checkpoint writers, about 40 minutes on 2 busy CPU cores; results in
+# .mutmut/mutants/ (`tools/mutmut_run.sh results`, `tools/mutmut_run.sh show NAME`). See docs/MUTATION.md.
 mutation: check-venv $(STAMP)
+	$(PYTHON) -c "import mutmut" 2>/dev/null || $(PYTHON) -m pip install "mutmut>=3.8,<4"
+	PYTHON=$(abspath $(PYTHON)) tools/mutmut_run.sh
+
+# The hand-written mutants (about 15 minutes), each against the tests chosen to catch it; writes its
+# table into docs/MUTATION.md.
+mutation-hand: check-venv $(STAMP)
 	$(PYTHON) tools/mutation_check.py --out docs/MUTATION.md

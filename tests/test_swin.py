@@ -8,7 +8,7 @@ from detectron2.modeling import build_backbone
 from e3va import E3VASwin, SWIN_PRESETS, TUNING_METHODS, add_e3va_config
 from e3va.engine.memory import bytes_saved_for_backward
 from e3va.methods import DualLowRankLinear
-from e3va.side_memory import CompactInput
+from e3va.side_memory import CompactInput, RecomputedFromCompactInput
 from helpers import perturb, trunk_outputs_during_training_step
 
 E3VA_PRESETS = ["e3va", "e3va_plus", "e3va_plusplus"]
@@ -297,6 +297,28 @@ def test_compact_input_round_trip():
         ref = x.abs() if name != "float8_e4m3fn" else x.abs().amax(-1, keepdim=True)
         assert ((back - x).abs() <= tol * ref).all(), name
     assert torch.equal(back[2], torch.zeros(40))
+
+
+def test_fp8_scales_each_token_to_fill_the_range_and_comes_back_in_the_compute_dtype():
+    # (batch, tokens, channels) as the side networks store them; bf16 as under a bf16 trunk.
+    x = (torch.randn(2, 5, 16) * torch.logspace(-2, 3, 5).view(1, 5, 1)).to(torch.bfloat16)
+    stored, scale = CompactInput("float8_e4m3fn").pack(x)
+    assert scale.dtype == torch.float32 and scale.shape == (2, 5, 1)  # one fp32 scale per token
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    assert torch.equal(stored.float().abs().amax(-1), torch.full((2, 5), fp8_max))  # each token fills it
+    assert CompactInput.unpack(stored, scale, torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="float8_e4m3fn"):  # the message lists the choices
+        CompactInput("float16")
+    assert repr(CompactInput("bfloat16")) == "CompactInput('bfloat16')"  # as module reprs show it
+
+
+def test_a_parameter_the_recomputed_layer_does_not_use_gets_no_gradient():
+    z = torch.randn(3, 4, requires_grad=True)
+    used, unused = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    packed = CompactInput("float32").pack(z)
+    out = RecomputedFromCompactInput.apply(lambda t: t * used, packed, z, used, unused)
+    out.sum().backward()
+    assert z.grad is not None and used.grad is not None and unused.grad is None
 
 
 def test_unknown_saved_dtype_is_named():

@@ -4,7 +4,9 @@ import sys
 
 import pytest
 import torch
+import yaml
 from detectron2.config import LazyConfig, instantiate
+from omegaconf import OmegaConf
 
 from e3va import (
     NANO_SWIN_WEIGHTS,
@@ -15,7 +17,8 @@ from e3va import (
     read_checkpoint_file,
     save_trainable,
 )
-from e3va.trainable import base_fingerprint, trainable_state_dict
+from e3va.trainable import (base_fingerprint, config_record, full_checkpoint, holds_side_network, missing_trainable,
+                            trainable_metadata, trainable_state_dict)
 from helpers import REPO, load_config
 
 CONFIG = "common/models/mask_rcnn_swin_e3va.py"
@@ -99,6 +102,83 @@ def test_trainable_only_file_is_refused_by_another_method_base_or_shape(tmp_path
         load_trainable(other_rank, path)
 
 
+def test_a_trainable_only_checkpointer_writes_the_trainable_part_and_names_it_last(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    model = _detector()
+    _train_a_little(model)
+    checkpointer = E3VACheckpointer(model, str(tmp_path), trainable_only=True, config="# the config")
+    checkpointer.save("model_0000009", iteration=9)
+    saved = torch.load(tmp_path / "model_0000009.pth", weights_only=True)
+    assert saved["e3va_trainable"] == trainable_metadata(model, "# the config") and saved["iteration"] == 9
+    expected = trainable_state_dict(model)
+    assert set(saved["model"]) == set(expected) and all(torch.equal(saved["model"][k], v) for k, v in expected.items())
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert checkpointer._holds_trainable_only(str(tmp_path / "model_0000009.pth"))  # resume reads it so
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    assert not checkpointer._holds_trainable_only(str(tmp_path / "garbage.pth"))  # load() will say why
+    (tmp_path / "garbage.pth").unlink()
+    with pytest.raises(ValueError, match="plain file name"):
+        checkpointer.save("../model_outside")
+    checkpointer.save_to_disk = False  # as on every rank but the first: writes nothing
+    checkpointer.save("model_0000019")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "last_checkpoint", "model_0000009.pth"]
+    monkeypatch.chdir(tmp_path / "elsewhere")  # without a save_dir, nothing is written either
+    E3VACheckpointer(model, trainable_only=True).save("model_0000029")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))  # trained
+        self.register_buffer("scale", torch.ones(1))  # belongs to the trained module: saved
+        self.bn = torch.nn.BatchNorm1d(2).requires_grad_(False)  # frozen, with buffers: base
+
+
+class _Outer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.zeros(3))  # no trained parameter of its own: base
+        self.inner = _Inner()
+
+
+class _DDPLike(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.module = _Outer()  # as DistributedDataParallel holds the model
+
+
+def test_trainable_state_dict_keeps_the_trained_modules_own_tensors_only():
+    assert set(trainable_state_dict(_Outer())) == {"inner.w", "inner.scale"}
+    assert set(trainable_state_dict(_DDPLike())) == {"inner.w", "inner.scale"}  # unwrapped
+    assert set(full_checkpoint(_Outer())) == {"model"}  # no E3VA backbone: no tuning or side-network record
+    assert set(trainable_state_dict(torch.nn.Linear(2, 2))) == {"weight", "bias"}  # the root's: no prefix
+    ddp_names = {f"module.{k}": v for k, v in _Outer().state_dict().items()}  # as DDP saves them
+    assert missing_trainable(_Outer(), ddp_names) == []
+    assert holds_side_network({"backbone.bottom_up.losa.0.w": 0}) and holds_side_network({"a.highway.b": 0})
+    assert not holds_side_network({"backbone.bottom_up.blocks.0.w": 0})
+
+
+def test_config_record_is_the_yaml_detectron2_writes_or_none(monkeypatch):
+    cfg = OmegaConf.create({"train": {"max_iter": 3}})
+    assert yaml.safe_load(config_record(cfg)) == {"train": {"max_iter": 3}}
+
+    def cannot_dump(*args, **kwargs):
+        raise yaml.representer.RepresenterError("not representable")
+
+    # LazyConfig.save then writes a pickle only, no YAML: nothing to record.
+    with monkeypatch.context() as m:
+        m.setattr(yaml, "dump", cannot_dump)
+        assert config_record(cfg) is None
+
+    def cannot_write(cfg, filename):
+        raise TypeError("not representable")
+
+    # The record is informative: a config that cannot be written must not stop the save.
+    monkeypatch.setattr(LazyConfig, "save", staticmethod(cannot_write))
+    assert config_record(cfg) is None
+
+
 def test_base_fingerprint_sees_frozen_weights_only():
     a, b = _detector(), _detector()
     assert base_fingerprint(a) == base_fingerprint(b)
@@ -122,6 +202,8 @@ def test_files_needing_arbitrary_unpickling_are_refused_unless_opted_in(tmp_path
     with pytest.raises(CheckpointReadError, match="E3VA_ALLOW_UNSAFE_PICKLE=1"):
         E3VACheckpointer(_detector()).load(str(path))
     assert isinstance(read_checkpoint_file(str(path), allow_unsafe_pickle=True)["extra"], _NotATensor)
+    opted_in = E3VACheckpointer(_detector(), allow_unsafe_pickle=True)  # the checkpointer passes it on
+    assert isinstance(opted_in.load(str(path))["extra"], _NotATensor)
     monkeypatch.setenv("E3VA_ALLOW_UNSAFE_PICKLE", "1")
     assert isinstance(read_checkpoint_file(str(path))["extra"], _NotATensor)
 

@@ -9,7 +9,7 @@ chosen to catch it with ``PYTHONPATH`` pointing at the copy. The mutant is *kill
 
 Usage (from the repository root; about 30 s to a minute per mutant on 2 CPU cores)::
 
-    python tools/mutation_check.py --out docs/MUTATION.md    # every mutant; `make mutation`
+    python tools/mutation_check.py --out docs/MUTATION.md    # every mutant; `make mutation-hand`
     python tools/mutation_check.py --only taps_swapped losa_state_not_carried
 
 Not part of the test suite (tests/tools/test_mutation_check.py only checks that every mutant still

@@ -1,4 +1,4 @@
-"""tools/mutation_check.py's own logic (the tool itself is run by hand or `make mutation`, not here)."""
+"""tools/mutation_check.py's own logic (the tool itself is run by hand or `make mutation-hand`, not here)."""
 import re
 import shutil
 
