@@ -136,8 +136,12 @@ def test_cpu_memory_readings_are_positive():
 def test_cpu_peak_counts_from_the_last_reset():
     if not reset_peak_memory("cpu"):
         pytest.skip("this system cannot reset the CPU peak (no writable /proc/self/clear_refs)")
+    before = current_rss_mb()
     buffer = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MB, touched, then freed
+    grew = current_rss_mb() - before
     del buffer
+    if grew < 60:  # after other tests, the allocator may serve it from memory that is already resident
+        pytest.skip(f"the 64 MB buffer raised the resident set by {grew:.0f} MB only; no new peak to observe")
     assert peak_rss_mb() >= current_rss_mb() + 60  # the peak saw the buffer
     assert reset_peak_memory("cpu")
     assert peak_rss_mb() < current_rss_mb() + 30  # a new peak, from what is resident now
