@@ -15,10 +15,18 @@ def test_configs_were_found():
     assert {"COCO/mask_rcnn_swin_t_e3va.py", "COCO/cascade_mask_rcnn_swin_l_e3va.py"} <= set(ALL_CONFIGS)
 
 
+def _task_models(cfg):
+    """The model nodes of a config: its model, or each task's model of a multi-task config
+    (``e3va.multitask.MultiTaskModel``, e.g. configs/Shapes/multitask_e3va.py)."""
+    models = cfg.model.get("models")
+    return [cfg.model] if models is None else [models[name] for name in models if name != "_target_"]
+
+
 @pytest.mark.parametrize("relpath", ALL_CONFIGS)
 def test_every_config_instantiates(relpath):
     cfg = load_config(relpath)
-    make_tiny(cfg)  # the same wiring, a fraction of the build time
+    if "models" not in cfg.model:  # multi-task configs are on the nano trunk already
+        make_tiny(cfg)  # the same wiring, a fraction of the build time
     model = instantiate(cfg.model)
     _, backbone = find_tuned_backbone(model)
     assert type(backbone).__name__ == ("E3VAViT" if "_vit_" in relpath else "E3VASwin")
@@ -61,15 +69,16 @@ def test_input_is_normalised_as_the_trunk_was_pretrained(relpath):
     cfg = load_config(relpath)
     image_format = cfg.dataloader.train.mapper.image_format
     assert cfg.dataloader.test.mapper.image_format == image_format
-    if "input_format" in cfg.model:
-        assert cfg.model.input_format == image_format
     expected = NANO_BGR if cfg.train.init_checkpoint == str(NANO_SWIN_WEIGHTS) else IMAGENET_RGB
     if expected is IMAGENET_RGB:  # the Swin releases and MAE's ViTs were both pretrained so
         known = [*SWIN_PRETRAINED_URLS.values(), *VIT_PRETRAINED_CHECKPOINTS.values()]
         assert cfg.train.init_checkpoint in known, cfg.train.init_checkpoint
-    found = (image_format, tuple(cfg.model.pixel_mean), tuple(cfg.model.pixel_std))
-    assert found[0] == expected[0], found
-    assert found[1] == pytest.approx(expected[1]) and found[2] == pytest.approx(expected[2]), found
+    for model in _task_models(cfg):
+        if "input_format" in model:
+            assert model.input_format == image_format
+        found = (image_format, tuple(model.pixel_mean), tuple(model.pixel_std))
+        assert found[0] == expected[0], found
+        assert found[1] == pytest.approx(expected[1]) and found[2] == pytest.approx(expected[2]), found
 
 
 @pytest.mark.parametrize(
