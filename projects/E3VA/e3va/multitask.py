@@ -129,16 +129,28 @@ class MultiTaskModel(nn.Module):
                 if value != reference_inputs[key]:
                     raise MultiTaskError(f"Task {name!r} prepares images with {key}={value}, task {first_name!r} "
                                          f"with {reference_inputs[key]}; the trunk runs once for both, on one tensor.")
-        else:
-            self.trunk = backbone.trunk
-            self._reference, self._first = backbone, model
         try:
-            backbone.share_trunk(self.trunk)
+            backbone.share_trunk(self.trunk if self.tasks else backbone.trunk)
         except ValueError as error:
             raise MultiTaskError(f"Task {name!r}: {error}") from None
         self._backbones[name] = backbone
         self.tasks[name] = model
         self.loss_weights[name] = 1.0
+
+    @property
+    def _first(self) -> nn.Module:
+        """The first task's model: every task prepares its images as it does (checked in add_task)."""
+        return next(iter(self.tasks.values()))
+
+    @property
+    def _reference(self) -> E3VASwin:
+        """The first task's backbone, which runs the shared trunk pass."""
+        return next(iter(self._backbones.values()))
+
+    @property
+    def trunk(self) -> nn.Module:
+        """The shared trunk (as the first task's backbone holds it: its stages are every task's)."""
+        return self._reference.trunk
 
     @staticmethod
     def _backbone(name: str, model: nn.Module) -> E3VASwin:
@@ -162,8 +174,10 @@ class MultiTaskModel(nn.Module):
             raise MultiTaskError(f"Task {name!r}: tuning={backbone.method.name!r} changes the trunk itself "
                                  f"(trunk entries {extra} differ from task {first_name!r}'s); only methods that "
                                  "leave it unchanged (e3va*, losa, fixed) can share it.")
+        if not self.check_weights:
+            return
         for key, value in state.items():
-            if self.check_weights and not torch.equal(value, reference_state[key]):
+            if not torch.equal(value, reference_state[key]):
                 raise MultiTaskError(
                     f"Task {name!r} holds other frozen trunk weights than task {first_name!r} (first difference: "
                     f"trunk.{key}); tasks sharing a trunk must be trained on the same base weights.")
