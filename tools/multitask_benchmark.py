@@ -114,13 +114,6 @@ def image(preset: str) -> List[Dict[str, Any]]:
     return [{"image": torch.randint(0, 256, (3, size, size), generator=generator).float(), "height": size, "width": size}]
 
 
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def weight_bytes(built) -> int:
     modules = built if isinstance(built, list) else [built]
     seen, total = set(), 0
@@ -134,13 +127,15 @@ def weight_bytes(built) -> int:
 
 def measure_memory(preset: str, k: int, variant: str, base: str) -> Dict[str, float]:
     """In this (fresh) process: build, run one image, report memory."""
+    from e3va.engine.memory import current_rss_mb, peak_rss_mb
+
     torch.set_num_threads(1)
-    before = _rss_mb("VmRSS")
+    before = current_rss_mb()
     built = build(preset, k, variant, base)
-    built_rss = _rss_mb("VmRSS")
+    built_rss = current_rss_mb()
     run(built, image(preset))
-    return {"rss_start_mb": before, "rss_built_mb": built_rss, "rss_after_run_mb": _rss_mb("VmRSS"),
-            "peak_rss_mb": _rss_mb("VmHWM"), "weights_mb": weight_bytes(built) / 2**20}
+    return {"rss_start_mb": before, "rss_built_mb": built_rss, "rss_after_run_mb": current_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(), "weights_mb": weight_bytes(built) / 2**20}
 
 
 def _equal(a: Any, b: Any) -> bool:
