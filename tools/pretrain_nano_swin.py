@@ -166,11 +166,17 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - PIXEL_MEAN) / PIXEL_STD
 
 
-def losses(model: DenseParser, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Soft-target cross-entropy per stage, outline BCE, presence BCE."""
+PRETEXTS = ("dense", "classification")
+
+
+def losses(model: DenseParser, batch: Dict[str, torch.Tensor], pretext: str = "dense") -> Dict[str, torch.Tensor]:
+    """Soft-target cross-entropy per stage, outline BCE, presence BCE; ``pretext="classification"`` keeps only
+    the presence BCE (image-level labels, as ImageNet pretraining gives a detector's trunk)."""
     parse, outline, presence = model(normalise(batch["images"]))
-    fractions, outline_targets = dense_targets(batch["labels"], batch["edges"])
     present = shapes_present(batch["labels"])
+    if pretext == "classification":
+        return {"presence": F.binary_cross_entropy_with_logits(presence, present.float())}
+    fractions, outline_targets = dense_targets(batch["labels"], batch["edges"])
     return {
         "parse": sum(F.cross_entropy(p, t) for p, t in zip(parse, fractions)) / len(parse),
         "outline": sum(F.binary_cross_entropy_with_logits(o, t) for o, t in zip(outline, outline_targets)),
@@ -223,9 +229,12 @@ def official_layout(model: DenseParser) -> Dict[str, torch.Tensor]:
 
 
 def pretrain(
-    output: Path, steps: int, batch_size: int, image_size: int, seed: int, pool: int, held_out: int, lr: float
+    output: Path, steps: int, batch_size: int, image_size: int, seed: int, pool: int, held_out: int, lr: float,
+    pretext: str = "dense",
 ) -> Dict:
     """Trains the parser and writes the checkpoint atomically; returns its ``meta``."""
+    if pretext not in PRETEXTS:
+        raise ValueError(f"pretext must be one of {PRETEXTS}, got {pretext!r}.")
     torch.manual_seed(seed)
     start = time.perf_counter()
     train_pool = render_pool(pool, image_size, seed)
@@ -242,7 +251,7 @@ def pretrain(
     for step in range(1, steps + 1):
         index = torch.randint(0, pool, (batch_size,), generator=generator)
         batch = augment({k: v[index] for k, v in train_pool.items()}, generator)
-        parts = losses(model, batch)
+        parts = losses(model, batch, pretext)
         loss = sum(parts.values())
         optimizer.zero_grad()
         loss.backward()
@@ -254,11 +263,17 @@ def pretrain(
                   f"({', '.join(f'{k} {v.item():.3f}' for k, v in parts.items())})  held-out {metrics}  "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
 
+    task = (
+        f"multi-label classification of {list(PRETEXT_SHAPES)} (not the downstream shapes) on textured backgrounds"
+        if pretext == "classification" else
+        f"dense parsing of {list(PRETEXT_SHAPES)} (not the downstream shapes) on textured backgrounds: "
+        f"per-cell class fractions at strides {list(STRIDES)}, outlines at {list(EDGE_STRIDES)}, "
+        "presence of each shape"
+    )
     meta = {
         "preset": "nano",
-        "task": f"dense parsing of {list(PRETEXT_SHAPES)} (not the downstream shapes) on textured backgrounds: "
-                f"per-cell class fractions at strides {list(STRIDES)}, outlines at {list(EDGE_STRIDES)}, "
-                "presence of each shape",
+        "task": task,
+        "pretext": pretext,
         "steps": steps, "batch_size": batch_size, "image_size": image_size, "seed": seed, "lr": lr,
         "pool": pool, "held_out": held_out_metrics(model, test_pool),
         "wall_time_s": round(time.perf_counter() - start),
@@ -280,8 +295,11 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretext", choices=PRETEXTS, default="dense",
+                        help="dense: per-cell parsing, outlines and presence; classification: presence only")
     args = parser.parse_args()
-    pretrain(args.output, args.steps, args.batch_size, args.image_size, args.seed, args.pool, args.held_out, args.lr)
+    pretrain(args.output, args.steps, args.batch_size, args.image_size, args.seed, args.pool, args.held_out, args.lr,
+             args.pretext)
 
 
 if __name__ == "__main__":
