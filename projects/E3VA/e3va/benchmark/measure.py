@@ -29,12 +29,21 @@ from e3va import find_tuned_backbone
 
 from ..checkpoint_io import align_with_wrapped_layers
 from ..engine.memory import current_memory_mb, peak_memory_mb, peak_rss_mb, reset_peak_memory
+from ..methods import METHOD_OPTIONS, SIDE_NETWORK_OPTIONS
 from ..synthetic import synthetic_batch
 from .settings import BenchmarkSettings, base_record, load_benchmark_config
 
 __all__ = ["SHARED_WEIGHTS_REFERENCE", "build_with_shared_weights", "describe_device", "measure_method"]
 
 SHARED_WEIGHTS_REFERENCE = "fixed"
+# Options that shape only a tuned method's own modules. The reference has none of those modules and refuses
+# them, so an ablation such as ``adapter_arrangement=stacked`` is built against the reference without them.
+METHOD_ONLY_OPTIONS = (*METHOD_OPTIONS, *SIDE_NETWORK_OPTIONS, "highway_downsample", "highway_merging")
+
+
+def reference_overrides(overrides: List[str]) -> List[str]:
+    """``overrides`` without those setting a :data:`METHOD_ONLY_OPTIONS` (the last part of the key)."""
+    return [o for o in overrides if o.split("=", 1)[0].rsplit(".", 1)[-1] not in METHOD_ONLY_OPTIONS]
 
 
 def describe_device(device: str) -> str:
@@ -81,7 +90,9 @@ def build_with_shared_weights(cfg: Any, settings: BenchmarkSettings, method: str
     model = instantiate(cfg.model)
     if method == SHARED_WEIGHTS_REFERENCE:
         return model
-    reference_cfg = load_benchmark_config(settings.config_file, settings.overrides, SHARED_WEIGHTS_REFERENCE)
+    reference_cfg = load_benchmark_config(
+        settings.config_file, reference_overrides(settings.overrides), SHARED_WEIGHTS_REFERENCE
+    )
     torch.manual_seed(settings.seed)
     reference = instantiate(reference_cfg.model).state_dict()
     state = align_with_wrapped_layers(reference, model.state_dict().keys())
