@@ -8,7 +8,7 @@ from detectron2.config import instantiate
 
 from e3va import NANO_SWIN_WEIGHTS, E3VACheckpointer
 from e3va.swin_weights import is_swin_classification_state_dict
-from helpers import REPO, load_config
+from helpers import REPO, load_config, load_tool
 
 
 def _shapes_detector():
@@ -49,3 +49,23 @@ def test_shipped_weights_are_small_and_were_really_trained():
     # Measured 0.780 against 0.736 for always answering "background" (see docs/TRANSFER_STUDY.md).
     held_out = meta["held_out"]
     assert held_out["cell_accuracy"] > held_out["cell_majority_baseline"] + 0.02, held_out
+
+
+def test_classification_pretext_trains_on_image_labels_only():
+    """--pretext classification: the loss is the presence BCE alone, so no dense head gets a gradient."""
+    tool = load_tool("pretrain_nano_swin")
+    torch.manual_seed(0)
+    batch = tool.render_pool(2, 64, seed=3)
+    model = tool.DenseParser(drop_path_rate=0.0)  # deterministic, so the loss can be recomputed
+    parts = tool.losses(model, batch, "classification")
+    assert list(parts) == ["presence"]
+    logits = model(tool.normalise(batch["images"]))[2]
+    present = torch.stack([(batch["labels"] == k + 1).flatten(1).any(1) for k in range(len(tool.PRETEXT_SHAPES))], 1)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, present.float())
+    torch.testing.assert_close(parts["presence"], expected)
+    parts["presence"].backward()
+    assert all(p.grad is None for p in [*model.parse.parameters(), *model.outline.parameters()])
+    assert model.trunk.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert set(tool.losses(model, batch)) == {"parse", "outline", "presence"}  # the default is unchanged
+    with pytest.raises(ValueError, match="pretext must be one of"):
+        tool.pretrain(None, 1, 1, 64, 0, 1, 1, 1e-3, pretext="dense parsing")
