@@ -26,7 +26,7 @@ demo: check-venv $(STAMP)
 # Not part of `make test`. `make mutation`: mutmut (a dev tool, installed on demand, not a dependency)
 # over the side network's memory code and the checkpoint writers (about 30 to 40 minutes on 2 busy CPU
 # cores; results in .mutmut/mutants/: `tools/mutmut_run.sh results`, `tools/mutmut_run.sh show NAME`), then
-# over the side networks' equations, methods/e3va.py and methods/losa.py (about 25 minutes; results in
+# over the side networks' equations, methods/e3va.py and methods/losa.py (about 8 minutes; results in
 # .mutmut-methods/mutants/: `tools/mutmut_run.sh methods results`). `make mutation-methods`: the second only.
 # See docs/MUTATION.md.
 mutation: check-venv $(STAMP)
