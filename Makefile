@@ -2,7 +2,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.e3va-installed
 
-.PHONY: demo test install mutation mutation-hand check-venv
+.PHONY: demo test install mutation mutation-methods mutation-hand check-venv
 
 # The stamp makes a second `make` skip the install; editing setup.py or the installer refreshes it.
 $(STAMP): setup.py tools/install.sh
@@ -24,11 +24,19 @@ demo: check-venv $(STAMP)
 	$(PYTHON) tools/demo.py
 
 # Not part of `make test`. `make mutation`: mutmut (a dev tool, installed on demand, not a dependency)
-# over the side network and the checkpoint writers, about 40 minutes on 2 busy CPU cores; results in
-# .mutmut/mutants/ (`tools/mutmut_run.sh results`, `tools/mutmut_run.sh show NAME`). See docs/MUTATION.md.
+# over the side network's memory code and the checkpoint writers (about 30 to 40 minutes on 2 busy CPU
+# cores; results in .mutmut/mutants/: `tools/mutmut_run.sh results`, `tools/mutmut_run.sh show NAME`), then
+# over the side networks' equations, methods/e3va.py and methods/losa.py (about 8 minutes; results in
+# .mutmut-methods/mutants/: `tools/mutmut_run.sh methods results`). `make mutation-methods`: the second only.
+# See docs/MUTATION.md.
 mutation: check-venv $(STAMP)
 	$(PYTHON) -c "import mutmut" 2>/dev/null || $(PYTHON) -m pip install "mutmut>=3.8,<4"
 	PYTHON=$(abspath $(PYTHON)) tools/mutmut_run.sh
+	PYTHON=$(abspath $(PYTHON)) tools/mutmut_run.sh methods
+
+mutation-methods: check-venv $(STAMP)
+	$(PYTHON) -c "import mutmut" 2>/dev/null || $(PYTHON) -m pip install "mutmut>=3.8,<4"
+	PYTHON=$(abspath $(PYTHON)) tools/mutmut_run.sh methods
 
 # The hand-written mutants (about 15 minutes), each against the tests chosen to catch it; writes its
 # table into docs/MUTATION.md.

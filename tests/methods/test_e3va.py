@@ -8,7 +8,7 @@ from torch import nn
 from e3va import E3VASwin
 from e3va.engine.memory import bytes_saved_for_backward
 from e3va.trainable import TrainableCheckpointError, apply_trainable, trainable_checkpoint
-from e3va.methods.e3va import _LowRankAdapterFunction
+from e3va.methods.e3va import AdapterHighway, AdapterSpec, DualLowRankLinear, HighwayAdapter, _LowRankAdapterFunction
 from e3va.side_memory import CompactInput
 from e3va.vit import E3VAViT
 from helpers import perturb
@@ -240,3 +240,132 @@ def test_gradcheck_of_the_fused_adapter_function_in_float64_with_fp32_storage(tr
     compact = CompactInput("float32")
     fn = lambda *w: _LowRankAdapterFunction.apply(x, *w, nn.GELU(), compact)  # noqa: E731
     assert torch.autograd.gradcheck(fn, weights, eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("adapter_input", ["sublayer_output", "sublayer_input"])
+def test_stacked_adapters_beside_the_mlp_read_their_tap_plus_the_attention_adapters_output(adapter_input):
+    """The paper's ablation: within a block, the MLP-side adapter reads its tap plus what the attention-side
+    adapter of the same block added; the attention-side adapter reads its tap alone, whatever came before."""
+    model = _swin(adapter_input=adapter_input, adapter_arrangement="stacked")
+    blocks = [b for stage in model.trunk.layers for b in stage.blocks]
+    seen = _record_taps(model, blocks)
+    attn_out = []
+    for stage in model.highway.beside_attn:
+        for adapter in stage:
+            adapter.register_forward_hook(lambda mod, args, out: attn_out.append(out.detach().clone()))
+    model(torch.rand(ODD) * 255)
+    assert len(attn_out) == len(seen["mlp_in"]) == len(blocks)
+    for j in range(len(blocks)):
+        x, h, out = seen["x"][j], seen["h"][j], seen["out"][j]
+        tap_attn, tap_mlp = (h - x, out - h) if adapter_input == "sublayer_output" else (x, h)
+        torch.testing.assert_close(seen["attn_in"][j], tap_attn, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(seen["mlp_in"][j], tap_mlp + attn_out[j], rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_that_calls_drop_path_a_third_time_is_refused_with_the_way_out():
+    """The sub-layer-output taps count two drop_path calls per block (attention, then MLP); a third would be
+    fed to the wrong adapter, so it is an error that names the fix."""
+    model = _swin()
+    block = model.trunk.layers[0].blocks[0]
+    forward = block.forward
+
+    def forward_with_a_third_sublayer(*args):
+        out = forward(*args)
+        return out + block.drop_path(torch.zeros_like(out))
+
+    block.forward = forward_with_a_third_sublayer
+    message = (r"^A trunk block called its drop_path more than twice in one forward; the sub-layer-output taps expect "
+               r"Detectron2's Swin/ViT blocks \(attention, then MLP\)\. Use adapter_input='sublayer_input' for this "
+               r"trunk\.$")
+    with pytest.raises(RuntimeError, match=message):
+        model(torch.rand(ODD) * 255)
+
+
+def test_the_highway_sums_in_place_after_its_first_addition():
+    """One N x C buffer per stage rather than one per adapter: the first sum is a new tensor (a custom autograd
+    function's output may not be changed in place), later adapters add to it in place; gradients still flow."""
+    taps = _swin()._taps
+    outs = [torch.randn(5, 3, requires_grad=True) for _ in range(4)]
+    with taps.stage(None):
+        for i, out in enumerate(outs):
+            taps._accumulate(out * 1.0)  # a non-leaf tensor, as an adapter's output is
+            if i == 1:
+                buffer = taps.total.data_ptr()
+        assert taps.total.data_ptr() == buffer
+        total = taps.end()
+    torch.testing.assert_close(total, sum(o.detach() for o in outs))
+    total.sum().backward()
+    assert all(torch.equal(o.grad, torch.ones(5, 3)) for o in outs)
+
+
+def test_dual_low_rank_weights_start_with_unit_gain_or_with_u_at_zero():
+    """``V ~ N(0, 1/in)`` and ``U ~ N(0, 1/2r)``: each entry of ``W = U1 V1 + U2 V2`` sums ``2r`` products, so
+    ``var(W) = 1/in`` and a unit-variance input gives unit-variance outputs. ``zero_init`` zeroes ``U`` only (``V``
+    stays random, so ``U`` gets a gradient at the first step); ``reset_parameters()`` re-draws and zeroes the bias."""
+    torch.manual_seed(0)
+    layer = DualLowRankLinear(256, 512, rank=8)
+    assert abs(layer.weight().var().item() * 256 - 1) < 0.1
+    zero = DualLowRankLinear(256, 512, rank=8, zero_init=True)
+    assert not zero.u.any() and abs(zero.v.std().item() * 16 - 1) < 0.05
+    with torch.no_grad():
+        layer.u.zero_()
+        layer.bias.fill_(1.0)
+    layer.reset_parameters()
+    assert abs(layer.weight().var().item() * 256 - 1) < 0.1 and not layer.bias.any()
+
+
+def test_dual_low_rank_linear_without_bias_and_its_rank_check():
+    layer = DualLowRankLinear(4, 3, rank=1, bias=False)
+    assert layer.bias is None and [n for n, _ in layer.named_parameters()] == ["u", "v"]
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(layer(x), x @ (layer.u[0] @ layer.v[0] + layer.u[1] @ layer.v[1]).T)
+    with pytest.raises(ValueError, match=r"^rank must be a positive integer, got 0\.$"):
+        DualLowRankLinear(4, 3, rank=0)
+
+
+def test_an_adapter_needs_a_bottleneck_of_at_least_one_and_a_known_activation():
+    assert HighwayAdapter(8, 1, rank=2).down.out_features == 1
+    with pytest.raises(ValueError, match=r"^bottleneck width must be positive, got 0 for dim=8\.$"):
+        HighwayAdapter(8, 0, rank=2)
+    with pytest.raises(ValueError, match=r"^Unknown activation 'swish2'; expected one of \[.*'gelu'.*\]\.$"):
+        HighwayAdapter(8, 4, rank=2, activation="swish2")
+    # The highway's bottleneck: the stage width times the ratio, rounded, and at least 1.
+    highway = AdapterHighway([8, 8, 40], [1, 1, 1], AdapterSpec(rank=1, bottleneck_ratio=0.05))
+    assert [stage[0].down.out_features for stage in highway.beside_attn] == [1, 1, 2]
+
+
+def test_adapters_built_alone_have_the_defaults_the_methods_use():
+    """GELU, the fused function keeping a bf16 copy of the input, trainable down-projection factors: what
+    ``e3va`` builds, and what an adapter or highway built without those arguments gets."""
+    alone = HighwayAdapter(8, 4, rank=2)
+    in_highway = AdapterHighway([8], [1], AdapterSpec(rank=2)).beside_mlp[0][0]
+    in_e3va = E3VASwin("nano").highway.beside_mlp[0][0]
+    for adapter in (alone, in_highway, in_e3va):
+        assert isinstance(adapter.act, nn.GELU) and adapter.fused and adapter.compact.name == "bfloat16"
+        assert isinstance(adapter.down.v, nn.Parameter)
+
+
+def test_the_spec_accepts_positive_integer_ranks_and_ratios_and_names_what_it_refuses():
+    assert AdapterSpec(rank=1, bottleneck_ratio=0.01).rank == 1
+    refused = [
+        (dict(rank=0), r"Adapter rank must be a positive integer, got 0\."),
+        (dict(rank=True), r"Adapter rank must be a positive integer, got True\."),  # a bool would be taken as 1
+        (dict(rank=2.0), r"Adapter rank must be a positive integer, got 2\.0\."),
+        (dict(rank=1, bottleneck_ratio=0), r"bottleneck_ratio must be > 0, got 0\."),
+        (dict(rank=1, adapter_input="x"), r"Unknown adapter_input 'x'; expected one of \['sublayer_output', "
+                                          r"'sublayer_input'\]\."),
+        (dict(rank=1, arrangement="serial"), r"Unknown adapter arrangement 'serial'; expected one of \['parallel', "
+                                             r"'stacked'\]\."),
+    ]
+    for kwargs, message in refused:
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            AdapterSpec(**kwargs)
+
+
+def test_files_record_a_stacked_arrangement_and_refuse_a_parallel_model():
+    saved = trainable_checkpoint(_swin(adapter_arrangement="stacked"))
+    assert saved["e3va_trainable"]["side_network"] == {
+        "adapter_input": "sublayer_output", "arrangement": "stacked", "highway_downsample": "difference"}
+    apply_trainable(_swin(adapter_arrangement="stacked"), saved)
+    with pytest.raises(TrainableCheckpointError, match="arrangement=stacked"):
+        apply_trainable(_swin(), saved)

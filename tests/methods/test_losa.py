@@ -5,7 +5,8 @@ from detectron2.utils.events import EventStorage
 
 from e3va import E3VASwin, LowRankMixer
 from e3va.engine.memory import bytes_saved_for_backward
-from e3va.methods.losa import mix_in_windows
+from e3va.methods.losa import LoSASideNetwork, LoSASpec, LowRankMLP, mix_in_windows
+from e3va.trainable import apply_trainable, trainable_checkpoint
 from helpers import perturb, synthetic_batch, tiny_detector, trunk_outputs_during_training_step
 
 NORMS = {f"trunk.norm{i}.{w}" for i in range(4) for w in ("weight", "bias")}
@@ -102,7 +103,9 @@ def test_token_count_mismatch_names_the_expected_size():
     mixer = LowRankMixer(32, 49, rank=4)
     with pytest.raises(ValueError, match=r"49 tokens \(a 7x7 window\) of 32 channels.*\(2, 144, 32\)"):
         mixer(torch.randn(2, 144, 32))
-    with pytest.raises(ValueError, match=r"window is 12x12 \(144 tokens\).*49 tokens \(a 7x7 window\)"):
+    # The advice too: which window to build the backbone with.
+    with pytest.raises(ValueError, match=r"window is 12x12 \(144 tokens\).*49 tokens \(a 7x7 window\) of 32 "
+                       r"channels; build the backbone with the window size its LoSA weights were trained with\.$"):
         mix_in_windows(mixer, torch.randn(1, 24 * 24, 32), 24, 24, window_size=12)
     with pytest.raises(ValueError, match="of 32 channels.*got \\(2, 49, 16\\)"):
         mixer(torch.randn(2, 49, 16))
@@ -112,7 +115,9 @@ def test_rank_and_activation_overrides():
     model = E3VASwin("nano", tuning="losa", rank=4, activation="relu")
     mixer = model.losa.mixers[2][1]
     assert mixer.channel_mlp.fc1.weight.shape == (4, 128) and mixer.token_mlp.fc1.weight.shape == (4, 49)
-    assert isinstance(mixer.channel_mlp.act, torch.nn.ReLU)
+    assert isinstance(mixer.channel_mlp.act, torch.nn.ReLU) and isinstance(mixer.token_mlp.act, torch.nn.ReLU)
+    with pytest.raises(ValueError, match=r"^Unknown activation 'swish2'; expected one of \[.*'gelu'.*\]\.$"):
+        E3VASwin("nano", tuning="losa", activation="swish2")
     assert E3VASwin("nano", tuning="losa", window_size=12).losa.mixers[0][0].num_tokens == 144
     with pytest.raises(ValueError, match="'losa' takes `rank` and `activation` only.*bottleneck_ratio"):
         E3VASwin("nano", tuning="losa", bottleneck_ratio=0.25)
@@ -146,3 +151,67 @@ def test_rank_preset_matches_the_e3va_budget_on_swin_b():
     """Rank 45 gives Swin-B 1.21 M trainable parameters (e3va: 1.20 M), as projects/E3VA/README.md says."""
     model = E3VASwin("B", tuning="losa")
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1_207_928
+
+
+def test_a_mixer_takes_one_window_without_a_batch_dimension():
+    """``(..., N, C)``: a single ``(N, C)`` window is mixed as a batch of one."""
+    torch.manual_seed(0)
+    mixer = LowRankMixer(8, 4, rank=3)
+    perturb(mixer)
+    z = torch.randn(4, 8)
+    torch.testing.assert_close(mixer(z), mixer(z[None])[0])
+
+
+def test_a_token_count_that_is_not_a_square_claims_no_window():
+    mixer = LowRankMixer(8, 6, rank=2)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 6, 8\): 6 tokens of 8 channels, got \(2, 4, 8\)\.$"):
+        mixer(torch.randn(2, 4, 8))
+
+
+def test_a_fused_side_network_keeps_only_compact_copies_for_backward():
+    """Every mixer keeps only a bf16 copy of its input, the first one included (its input, the first block's
+    output, needs no gradient); the plain graph would keep fp32 windows and hidden activations."""
+    torch.manual_seed(0)
+    model = E3VASwin("nano", tuning="losa", drop_path_rate=0.0).train()
+    _perturb(model)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        model(torch.rand(1, 3, 61, 45) * 255)
+    assert kept and all(t.dtype == torch.bfloat16 for t in kept), {(t.dtype, tuple(t.shape)) for t in kept}
+
+
+def test_files_record_the_stage_crossing_and_load_into_the_same_model():
+    torch.manual_seed(0)
+    trained = E3VASwin("nano", tuning="losa")
+    _perturb(trained)
+    saved = trainable_checkpoint(trained)
+    assert saved["e3va_trainable"]["side_network"] == {"highway_downsample": "difference"}
+    torch.manual_seed(0)  # the same frozen trunk: files are checked against its fingerprint
+    fresh = E3VASwin("nano", tuning="losa")
+    apply_trainable(fresh, saved)
+    torch.testing.assert_close(fresh.losa.state_dict(), trained.losa.state_dict())
+
+
+def test_a_side_network_built_alone_has_the_defaults_losa_uses():
+    """GELU in both MLPs and the fused function keeping a bf16 copy of each mixer's input: what ``losa``
+    builds, and what LoSASideNetwork, LowRankMixer and LowRankMLP built without those arguments get."""
+    alone = LoSASideNetwork([8], [1], window_size=2, rank=3)
+    in_losa = E3VASwin("nano", tuning="losa").losa
+    for side in (alone, in_losa):
+        assert side.fused and side.compact.name == "bfloat16"
+        mixer = side.mixers[0][0]
+        assert isinstance(mixer.token_mlp.act, torch.nn.GELU) and isinstance(mixer.channel_mlp.act, torch.nn.GELU)
+    assert isinstance(LowRankMixer(8, 4, rank=3).token_mlp.act, torch.nn.GELU)
+    assert isinstance(LowRankMLP(8, 3).act, torch.nn.GELU)
+
+
+def test_ranks_must_be_positive_integers_and_activations_known():
+    assert LoSASpec(rank=1).rank == 1 and LowRankMLP(8, 1).fc1.out_features == 1
+    for rank in (0, True, 2.0):  # a bool would be taken as 1
+        with pytest.raises(ValueError, match=rf"^LoSA rank must be a positive integer, got {rank!r}\.$"):
+            LoSASpec(rank=rank)
+    for rank in (0, 2.0):
+        with pytest.raises(ValueError, match=rf"^rank must be a positive integer, got {rank!r}\.$"):
+            LowRankMLP(8, rank)
+    with pytest.raises(ValueError, match=r"^Unknown activation 'swish2'; expected one of \[.*'gelu'.*\]\.$"):
+        LowRankMLP(8, 2, "swish2")
