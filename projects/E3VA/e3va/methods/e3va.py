@@ -125,7 +125,8 @@ class DualLowRankLinear(nn.Module):
         self.reset_parameters(zero_init=zero_init)
 
     def reset_parameters(self, zero_init: bool = False) -> None:
-        """Initialises so that ``W`` has the variance of a default ``nn.Linear`` (or is exactly zero).
+        """Initialises so that every entry of ``W`` has variance ``1 / in_features`` (LeCun's fan-in scaling;
+        a default ``nn.Linear`` draws a third of that), or so that ``W`` is exactly zero.
 
         Zero-initialising ``u`` (not ``v``) keeps the gradient of ``u`` non-zero at the first step.
         """
