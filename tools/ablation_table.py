@@ -3,11 +3,13 @@
 
 Reads, per variant, ``DIR/<variant>/transfer.json`` (tools/transfer_study.py: box / mask AP over seeds) and
 ``DIR/swin_b_memory/<variant>/results.json`` (tools/benchmark_tuning.py on Swin-B: trainable backbone
-parameters, peak training memory, step time), and the reference e3va row from ``--reference`` (the transfer
-study's own transfer.json). Prints a Markdown table, one row per variant, with the paper's stated direction;
+parameters, peak training memory, step time), and the reference e3va row from ``--reference``: the study's
+e3va runs at the ablations' rate, 1e-3 (``DIR/paper/runs`` links to the study's runs, so that
+``tools/transfer_study.py --methods e3va --backbone-lr e3va=1e-3 --only-finished --output DIR/paper`` assembles
+them without training). Prints a Markdown table, one row per variant, with the paper's stated direction;
 a missing run is shown as such, never guessed.
 
-    python tools/ablation_table.py --ablations docs/ablations --reference docs/transfer_study/transfer.json
+    python tools/ablation_table.py --ablations docs/ablations --reference docs/ablations/paper/transfer.json
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def table(ablations: Path, reference: Path) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ablations", type=Path, default=Path("docs/ablations"))
-    parser.add_argument("--reference", type=Path, default=Path("docs/transfer_study/transfer.json"))
+    parser.add_argument("--reference", type=Path, default=Path("docs/ablations/paper/transfer.json"))
     args = parser.parse_args(argv)
     text = table(args.ablations, args.reference)
     print(text)
