@@ -55,6 +55,12 @@ def _swin_b(path: Path) -> Optional[Dict[str, Any]]:
     return rows[0] if rows else None
 
 
+def _host_load(bench: Dict[str, Any]) -> str:
+    """The host's load around a step time: on a shared host it moves the time more than the variant does."""
+    before, after = bench.get("load_avg_1m_before"), bench.get("load_avg_1m_after")
+    return f" (load {before:.1f}–{after:.1f})" if before is not None and after is not None else ""
+
+
 def table(ablations: Path, reference: Path) -> str:
     lines = ["| variant | override | box AP | mask AP | seeds | Swin-B backbone trainable (M) | Swin-B peak memory (MB) "
              "| Swin-B step (s) | paper's direction |", "|---|---|---:|---:|---|---:|---:|---:|---|"]
@@ -64,7 +70,7 @@ def table(ablations: Path, reference: Path) -> str:
         seeds = ", ".join(str(s) for s in shapes["seeds"] if s not in shapes.get("missing_seeds", [])) if shapes else ""
         params = f"{bench['backbone_trainable_params'] / 1e6:.2f}" if bench else "not run"
         memory = f"{bench['peak_memory_mb']:.0f}" if bench else "not run"
-        step = f"{bench['step_time_s']:.1f}" if bench else "not run"
+        step = f"{bench['step_time_s']:.1f}{_host_load(bench)}" if bench else "not run"
         label = "e3va (the paper's)" if name == "paper" else name
         lines.append(f"| {label} | {override} | {_ap(shapes, 'bbox_AP')} | {_ap(shapes, 'segm_AP')} | {seeds} "
                      f"| {params} | {memory} | {step} | {direction} |")
