@@ -16,6 +16,11 @@ loads it through the same path as official weights. Seeded: the same command giv
 
     python tools/pretrain_nano_swin.py                       # regenerates e3va.NANO_SWIN_WEIGHTS
     python tools/pretrain_nano_swin.py --steps 50 --output /tmp/nano.pth
+    python tools/pretrain_nano_swin.py --pretext classification --output /tmp/nano_cls.pth   # presence labels only
+
+``--pretext classification`` trains on the presence labels alone, as ImageNet classification pretrains a
+detector's trunk: features not trained to localise, a candidate for a wider gap between frozen and fine-tuned
+trunks in the transfer study (docs/TRANSFER_STUDY.md).
 """
 import argparse
 import time
