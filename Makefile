@@ -2,7 +2,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.e3va-installed
 
-.PHONY: demo test install mutation mutation-methods mutation-hand check-venv
+.PHONY: demo test install mutation mutation-methods mutmut-installed mutation-hand check-venv
 
 # The stamp makes a second `make` skip the install; editing setup.py or the installer refreshes it.
 $(STAMP): setup.py tools/install.sh
@@ -29,14 +29,15 @@ demo: check-venv $(STAMP)
 # over the side networks' equations, methods/e3va.py and methods/losa.py (about 8 minutes; results in
 # .mutmut-methods/mutants/: `tools/mutmut_run.sh methods results`). `make mutation-methods`: the second only.
 # See docs/MUTATION.md.
-mutation: check-venv $(STAMP)
-	$(PYTHON) -c "import mutmut" 2>/dev/null || $(PYTHON) -m pip install "mutmut>=3.8,<4"
+mutation: mutmut-installed
 	PYTHON=$(abspath $(PYTHON)) tools/mutmut_run.sh
 	PYTHON=$(abspath $(PYTHON)) tools/mutmut_run.sh methods
 
-mutation-methods: check-venv $(STAMP)
-	$(PYTHON) -c "import mutmut" 2>/dev/null || $(PYTHON) -m pip install "mutmut>=3.8,<4"
+mutation-methods: mutmut-installed
 	PYTHON=$(abspath $(PYTHON)) tools/mutmut_run.sh methods
+
+mutmut-installed: check-venv $(STAMP)
+	$(PYTHON) -c "import mutmut" 2>/dev/null || $(PYTHON) -m pip install "mutmut>=3.8,<4"
 
 # The hand-written mutants (about 15 minutes), each against the tests chosen to catch it; writes its
 # table into docs/MUTATION.md.

@@ -15,7 +15,19 @@ if [ "${1:-}" = methods ]; then
   # switches mutants per call, after the import, so its mutants could never be active in a test.
   PATTERNS=('e3va.methods.e3va.xǁ*' 'e3va.methods.e3va.x_attach_highway__*' 'e3va.methods.losa.*')
 else
-  STAGE="$REPO/.mutmut" CONFIG="$REPO/tools/mutmut/setup.cfg" PATTERNS=()
+  STAGE="$REPO/.mutmut" CONFIG="$REPO/tools/mutmut/setup.cfg"
+  # The side network and the checkpoint-writing functions. checkpoint.py and trainable.py also read and
+  # check files; mutmut mutates whole files, but those functions' mutants are not run.
+  PATTERNS=('e3va.side_memory.*' 'e3va.atomic.*'
+    'e3va.checkpoint.xǁE3VACheckpointerǁ__init____*' 'e3va.checkpoint.xǁE3VACheckpointerǁsave__*'
+    'e3va.checkpoint.xǁE3VACheckpointerǁtag_last_checkpoint__*'
+    'e3va.checkpoint.xǁE3VACheckpointerǁ_holds_trainable_only__*'
+    'e3va.trainable.x__unwrap__*' 'e3va.trainable.x__without_ddp_prefix__*'
+    'e3va.trainable.x_trainable_state_dict__*' 'e3va.trainable.x_base_fingerprint__*'
+    'e3va.trainable.x_tuning_method_of__*' 'e3va.trainable.x_side_network_of__*'
+    'e3va.trainable.x_full_checkpoint__*' 'e3va.trainable.x_holds_side_network__*'
+    'e3va.trainable.x_trainable_metadata__*' 'e3va.trainable.x_config_record__*'
+    'e3va.trainable.x_trainable_checkpoint__*' 'e3va.trainable.x_save_trainable__*')
 fi
 # mutants/ must exist before Python starts: a PYTHONPATH entry that does not exist yet is cached as
 # "nothing here" and the tests would then import the unmutated package.
@@ -28,18 +40,6 @@ cp "$CONFIG" "$STAGE/setup.cfg"
 # one thread each, since the development machine has 2 cores.
 export PYTHONPATH="$STAGE/mutants" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 cd "$STAGE"
-# The side network and the checkpoint-writing functions. checkpoint.py and trainable.py also read and
-# check files; mutmut mutates whole files, but those functions' mutants are not run.
-[ "${#PATTERNS[@]}" -gt 0 ] || PATTERNS=('e3va.side_memory.*' 'e3va.atomic.*'
-  'e3va.checkpoint.xǁE3VACheckpointerǁ__init____*' 'e3va.checkpoint.xǁE3VACheckpointerǁsave__*'
-  'e3va.checkpoint.xǁE3VACheckpointerǁtag_last_checkpoint__*'
-  'e3va.checkpoint.xǁE3VACheckpointerǁ_holds_trainable_only__*'
-  'e3va.trainable.x__unwrap__*' 'e3va.trainable.x__without_ddp_prefix__*'
-  'e3va.trainable.x_trainable_state_dict__*' 'e3va.trainable.x_base_fingerprint__*'
-  'e3va.trainable.x_tuning_method_of__*' 'e3va.trainable.x_side_network_of__*'
-  'e3va.trainable.x_full_checkpoint__*' 'e3va.trainable.x_holds_side_network__*'
-  'e3va.trainable.x_trainable_metadata__*' 'e3va.trainable.x_config_record__*'
-  'e3va.trainable.x_trainable_checkpoint__*' 'e3va.trainable.x_save_trainable__*')
 if [ "$#" -eq 0 ]; then set -- run --max-children 1 "${PATTERNS[@]}"; fi
 if [ "$1" = summary ]; then  # the per-module table of docs/MUTATION.md
   "$PYTHON" -m mutmut results --all true | "$PYTHON" "$REPO/tools/mutmut_summary.py" "${PATTERNS[@]}"

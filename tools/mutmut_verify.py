@@ -12,6 +12,7 @@ selection forces); prints one line per pair: killed, survived or the pytest exit
 """
 import os
 import sys
+from pathlib import Path
 from typing import List, Tuple
 
 import pytest
@@ -20,7 +21,7 @@ import pytest
 def read_pairs(path: str) -> List[Tuple[str, List[str]]]:
     """(mutant, tests) per non-empty line."""
     pairs = []
-    for line in open(path).read().splitlines():
+    for line in Path(path).read_text().splitlines():
         if line.strip():
             mutant, *tests = line.split()
             pairs.append((mutant, tests))
