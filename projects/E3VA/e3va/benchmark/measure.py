@@ -29,7 +29,7 @@ from e3va import find_tuned_backbone
 
 from ..checkpoint_io import align_with_wrapped_layers
 from ..engine.memory import current_memory_mb, peak_memory_mb, peak_rss_mb, reset_peak_memory
-from ..methods import METHOD_OPTIONS, SIDE_NETWORK_OPTIONS
+from ..methods import CROSSING_OPTIONS, METHOD_OPTIONS, SIDE_NETWORK_OPTIONS
 from ..synthetic import synthetic_batch
 from .settings import BenchmarkSettings, base_record, load_benchmark_config
 
@@ -38,7 +38,7 @@ __all__ = ["SHARED_WEIGHTS_REFERENCE", "build_with_shared_weights", "describe_de
 SHARED_WEIGHTS_REFERENCE = "fixed"
 # Options that shape only a tuned method's own modules. The reference has none of those modules and refuses
 # them, so an ablation such as ``adapter_arrangement=stacked`` is built against the reference without them.
-METHOD_ONLY_OPTIONS = (*METHOD_OPTIONS, *SIDE_NETWORK_OPTIONS, "highway_downsample", "highway_merging")
+METHOD_ONLY_OPTIONS = (*METHOD_OPTIONS, *SIDE_NETWORK_OPTIONS, *CROSSING_OPTIONS)
 
 
 def reference_overrides(overrides: List[str]) -> List[str]:

@@ -25,6 +25,7 @@ from torch import nn
 __all__ = [
     "ACTIVATIONS",
     "METHOD_OPTIONS",
+    "CROSSING_OPTIONS",
     "SIDE_NETWORK_OPTIONS",
     "TUNING_METHODS",
     "SideNetwork",
@@ -128,8 +129,10 @@ class TuningOptions:
 # The options that shape a method's own modules; the rest of TuningOptions applies to every method.
 METHOD_OPTIONS = ("rank", "bottleneck_ratio", "activation", "adapter_input", "adapter_arrangement")
 # How a side network runs: meaningless without one, so a method without one refuses other values than the
-# defaults (as it refuses highway_downsample and highway_merging), instead of silently ignoring them.
+# defaults (as it refuses the CROSSING_OPTIONS), instead of silently ignoring them.
 SIDE_NETWORK_OPTIONS = ("fused_adapters", "saved_input_dtype")
+# How a side network crosses a Swin stage end: only a trunk with patch merging and a side network take them.
+CROSSING_OPTIONS = ("highway_downsample", "highway_merging")
 
 
 def with_tuning_options(takes_from: Optional[Callable[..., Any]] = None) -> Callable[[type], type]:
