@@ -17,10 +17,13 @@ loads it through the same path as official weights. Seeded: the same command giv
     python tools/pretrain_nano_swin.py                       # regenerates e3va.NANO_SWIN_WEIGHTS
     python tools/pretrain_nano_swin.py --steps 50 --output /tmp/nano.pth
     python tools/pretrain_nano_swin.py --pretext classification --output /tmp/nano_cls.pth   # presence labels only
+    python tools/pretrain_nano_swin.py --pretext coarse --output /tmp/nano_coarse.pth        # strides 16, 32 only
 
-``--pretext classification`` trains on the presence labels alone, as ImageNet classification pretrains a
-detector's trunk: features not trained to localise, a candidate for a wider gap between frozen and fine-tuned
-trunks in the transfer study (docs/TRANSFER_STUDY.md).
+Two weaker pretexts are candidates for a wider gap between frozen and fine-tuned trunks in the transfer study
+(docs/TRANSFER_STUDY.md). ``classification`` trains on the presence labels alone, as ImageNet classification
+pretrains a detector's trunk: features not trained to localise. ``coarse`` keeps the presence labels and the
+parsing of the two coarse stages (strides 16 and 32) only: the trunk learns what is roughly where, while its
+fine stages, which the detector's small anchors and its masks read, are trained only through the coarse ones.
 """
 import argparse
 import time
@@ -171,17 +174,24 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - PIXEL_MEAN) / PIXEL_STD
 
 
-PRETEXTS = ("dense", "classification")
+PRETEXTS = ("dense", "classification", "coarse")
+COARSE_STAGES = (2, 3)  # strides 16 and 32: the stages the coarse pretext parses
 
 
 def losses(model: DenseParser, batch: Dict[str, torch.Tensor], pretext: str = "dense") -> Dict[str, torch.Tensor]:
     """Soft-target cross-entropy per stage, outline BCE, presence BCE; ``pretext="classification"`` keeps only
-    the presence BCE (image-level labels, as ImageNet pretraining gives a detector's trunk)."""
+    the presence BCE (image-level labels, as ImageNet pretraining gives a detector's trunk), ``"coarse"`` the
+    presence BCE and the cross-entropy of the :data:`COARSE_STAGES`."""
     parse, outline, presence = model(normalise(batch["images"]))
     present = shapes_present(batch["labels"])
     if pretext == "classification":
         return {"presence": F.binary_cross_entropy_with_logits(presence, present.float())}
     fractions, outline_targets = dense_targets(batch["labels"], batch["edges"])
+    if pretext == "coarse":
+        return {
+            "parse": sum(F.cross_entropy(parse[i], fractions[i]) for i in COARSE_STAGES) / len(COARSE_STAGES),
+            "presence": F.binary_cross_entropy_with_logits(presence, present.float()),
+        }
     return {
         "parse": sum(F.cross_entropy(p, t) for p, t in zip(parse, fractions)) / len(parse),
         "outline": sum(F.binary_cross_entropy_with_logits(o, t) for o, t in zip(outline, outline_targets)),
@@ -195,7 +205,8 @@ def held_out_metrics(model: DenseParser, pool: Dict[str, torch.Tensor], pretext:
     ``cell_majority_baseline`` (always answering the most frequent class, background), ``shape_cell_accuracy``
     (the same over cells whose majority is a shape), ``mean_iou`` over the six classes at stride 4, and
     ``presence_accuracy`` (present/absent right, per image and shape). The classification pretext trains no
-    dense head, so only ``presence_accuracy`` is reported for it."""
+    dense head, so only ``presence_accuracy`` is reported for it; the coarse one reports the cell metrics at
+    stride 16, the finest stage it parses (``cell16_*``), and no stride-4 IoU."""
     model.eval()
     outs = [model(normalise(pool["images"][i:i + 64])) for i in range(0, len(pool["images"]), 64)]
     model.train()
@@ -217,6 +228,15 @@ def held_out_metrics(model: DenseParser, pool: Dict[str, torch.Tensor], pretext:
     presence_accuracy = round((presence == present).float().mean().item(), 4)
     if pretext == "classification":
         return {"presence_accuracy": presence_accuracy}
+    if pretext == "coarse":
+        pred16 = torch.cat([o[0][COARSE_STAGES[0]].argmax(1) for o in outs])
+        true16 = fractions[COARSE_STAGES[0]].argmax(1)
+        return {
+            "cell16_accuracy": round((pred16 == true16).float().mean().item(), 4),
+            "cell16_majority_baseline": round((true16 == torch.bincount(true16.flatten()).argmax()).float().mean().item(), 4),
+            "shape_cell16_accuracy": round((pred16 == true16)[true16 != 0].float().mean().item(), 4),
+            "presence_accuracy": presence_accuracy,
+        }
     return {
         "cell_accuracy": round((pred8 == true8).float().mean().item(), 4),
         "cell_majority_baseline": round((true8 == most_frequent).float().mean().item(), 4),
@@ -275,6 +295,9 @@ def pretrain(
     task = (
         f"multi-label classification of {list(PRETEXT_SHAPES)} (not the downstream shapes) on textured backgrounds"
         if pretext == "classification" else
+        f"coarse parsing of {list(PRETEXT_SHAPES)} (not the downstream shapes) on textured backgrounds: "
+        f"per-cell class fractions at strides {[STRIDES[i] for i in COARSE_STAGES]}, presence of each shape"
+        if pretext == "coarse" else
         f"dense parsing of {list(PRETEXT_SHAPES)} (not the downstream shapes) on textured backgrounds: "
         f"per-cell class fractions at strides {list(STRIDES)}, outlines at {list(EDGE_STRIDES)}, "
         "presence of each shape"
@@ -305,7 +328,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretext", choices=PRETEXTS, default="dense",
-                        help="dense: per-cell parsing, outlines and presence; classification: presence only")
+                        help="dense: per-cell parsing, outlines and presence; classification: presence only; "
+                             "coarse: presence and the parsing of strides 16 and 32")
     args = parser.parse_args()
     pretrain(args.output, args.steps, args.batch_size, args.image_size, args.seed, args.pool, args.held_out, args.lr,
              args.pretext)

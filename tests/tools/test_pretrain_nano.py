@@ -69,3 +69,28 @@ def test_classification_pretext_trains_on_image_labels_only():
     assert set(tool.losses(model, batch)) == {"parse", "outline", "presence"}  # the default is unchanged
     with pytest.raises(ValueError, match="pretext must be one of"):
         tool.pretrain(None, 1, 1, 64, 0, 1, 1, 1e-3, pretext="dense parsing")
+
+
+def test_coarse_pretext_parses_strides_16_and_32_only():
+    """--pretext coarse: presence BCE plus the soft cross-entropy of the stride-16 and stride-32 cells; the
+    fine stages' parsing and outline heads get no gradient, the coarse ones do."""
+    tool = load_tool("pretrain_nano_swin")
+    torch.manual_seed(0)
+    batch = tool.render_pool(2, 64, seed=3)
+    model = tool.DenseParser(drop_path_rate=0.0)
+    parts = tool.losses(model, batch, "coarse")
+    assert set(parts) == {"parse", "presence"}
+    parse = model(tool.normalise(batch["images"]))[0]
+    one_hot = torch.nn.functional.one_hot(batch["labels"].long(), len(tool.PRETEXT_SHAPES) + 1).permute(0, 3, 1, 2)
+    expected = 0.0
+    for stride, logits in ((16, parse[2]), (32, parse[3])):
+        cells = torch.nn.functional.avg_pool2d(one_hot.float(), stride)  # per-cell class fractions
+        expected = expected + (-(cells * logits.log_softmax(1)).sum(1)).mean() / 2
+    torch.testing.assert_close(parts["parse"], expected)
+    (parts["parse"] + parts["presence"]).backward()
+    assert all(p.grad is None for p in [*model.parse[0].parameters(), *model.parse[1].parameters(),
+                                        *model.outline.parameters()])
+    assert all(p.grad is not None for p in [*model.parse[2].parameters(), *model.parse[3].parameters()])
+    metrics = tool.held_out_metrics(model, batch, "coarse")
+    assert set(metrics) == {"cell16_accuracy", "cell16_majority_baseline", "shape_cell16_accuracy",
+                            "presence_accuracy"}
