@@ -5,7 +5,8 @@ backbone learning rate chosen for it on a validation split.
 Every run trains ``configs/Shapes/mask_rcnn_e3va.py`` from the project's pretrained Swin "nano" through
 ``tools/demo.py`` (its own process, Detectron2's engine and COCOEvaluator). For each method:
 
-1. with ``--lr-sweep``, one run per backbone learning rate (seed: the first of ``--seeds``), evaluated on
+1. with ``--lr-sweep`` (or a method's own list, ``--backbone-lr full=1e-4:3e-4``), one run per backbone
+   learning rate (seed: the first of ``--seeds``), evaluated on
    ``shapes_minival``, never on the reported split; the best box AP there (mask AP breaks ties) is chosen.
    The heads keep the config's learning rate; only the tuned backbone's trainable parameters (side network
    or trunk) train at the swept rate (``e3va.engine.lr.BackboneLRFactor``);
@@ -31,7 +32,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 from e3va import TUNING_METHODS
 from e3va.atomic import atomic_write_json
@@ -146,6 +147,7 @@ def summarise(method: str, lr: Optional[float], sweep: List[Dict], runs: List[Di
         "backbone_trainable_params": ok[0]["backbone_trainable_params"] if ok else None,
         "failed": [r["status"] for r in runs + sweep if r["status"] not in ("ok", "missing")],
         "missing_seeds": [r["params"]["seed"] for r in runs if r["status"] == "missing"],
+        "missing_sweep": [r["params"]["backbone_lr"] for r in sweep if r["status"] == "missing"],
     }
 
 
@@ -175,7 +177,8 @@ def markdown(summaries: List[Dict], command: str) -> str:
     failed = [f"{s['method']}: {f}" for s in summaries for f in s["failed"] if f != "missing"]
     if failed:
         lines += ["", "Failed runs: " + "; ".join(failed)]
-    missing = [f"{s['method']} seed {seed}" for s in summaries for seed in s["missing_seeds"]]
+    missing = [f"{s['method']} sweep at {lr:g}" for s in summaries for lr in s.get("missing_sweep", [])]
+    missing += [f"{s['method']} seed {seed}" for s in summaries for seed in s["missing_seeds"]]
     if missing:
         lines += ["", "Not run yet (the table covers the seeds listed per method): " + ", ".join(missing)]
     sweeps = [s for s in summaries if s["sweep"]]
@@ -210,22 +213,27 @@ def plot(summaries: List[Dict], path: Path) -> None:
 
 
 def study(methods: Sequence[str], seeds: Sequence[int], sweep_lrs: Sequence[float], max_iter: Optional[int],
-          out: Path, opts: Sequence[str], command: str, fixed_lrs: Optional[Dict[str, float]] = None,
+          out: Path, opts: Sequence[str], command: str,
+          fixed_lrs: Optional[Dict[str, Union[float, Sequence[float]]]] = None,
           only_finished: bool = False) -> List[Dict]:
     """Runs (or resumes) the study and rewrites its outputs after every method. ``fixed_lrs`` gives some
-    methods their backbone rate directly (no sweep for them)."""
+    methods their own rates instead of ``sweep_lrs``: one rate is given (no sweep), several are that
+    method's own sweep (e.g. a lower range for full fine-tuning)."""
     summaries = []
     runs_all = []
-    fixed_lrs = fixed_lrs or {}
+    own_lrs = {m: [v] if isinstance(v, (int, float)) else list(v) for m, v in (fixed_lrs or {}).items()}
     for method in methods:
+        rates = own_lrs.get(method, sweep_lrs)
         # One value is nothing to choose from: it is the rate, with no validation run.
-        candidates = sweep_lrs if len(sweep_lrs) > 1 and method not in fixed_lrs else []
+        candidates = rates if len(rates) > 1 else []
         sweep = [train_and_evaluate(out, method, lr, seeds[0], VALIDATION_SPLIT, max_iter, opts, only_finished)
                  for lr in candidates]
-        if method in fixed_lrs:
-            lr, source = fixed_lrs[method], "given"
+        if method in own_lrs and not candidates:
+            lr, source = rates[0], "given"
         elif candidates:
-            lr, source = choose_lr(sweep), "chosen on shapes_minival"
+            # A sweep with a run still missing has chosen nothing yet (--only-finished must not pick among part).
+            unfinished = any(r["status"] == "missing" for r in sweep)
+            lr, source = (None if unfinished else choose_lr(sweep)), "chosen on shapes_minival"
         else:
             lr, source = (sweep_lrs[0], "given") if sweep_lrs else (HEAD_LR, "the heads' rate")
         runs = [] if lr is None else [
@@ -249,7 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--lr-sweep", default="", help="backbone learning rates to choose from on shapes_minival, "
                         "e.g. 3e-4,1e-3,3e-3; one value: that rate, no sweep; empty: the heads' rate (1e-3)")
     parser.add_argument("--backbone-lr", default="", help="METHOD=LR,...: these methods' backbone rate, no sweep "
-                        "(e.g. full=1e-4)")
+                        "(e.g. full=1e-4); METHOD=LR:LR:...: that method's own sweep instead of --lr-sweep's "
+                        "(e.g. full=1e-4:3e-4)")
     parser.add_argument("--only-finished", action="store_true",
                         help="train nothing: tabulate the finished runs and list the missing ones")
     parser.add_argument("--max-iter", type=int, default=None, help="default: the Shapes config's train.max_iter")
@@ -273,11 +282,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for item in parse_list(args.backbone_lr, str, "--backbone-lr") if args.backbone_lr.strip() else []:
         method, _, value = item.partition("=")
         try:
-            fixed_lrs[method] = float(value)
-        except ValueError:
-            parser.error(f"--backbone-lr takes METHOD=LR items, got {item!r}")
-        if method not in methods or not fixed_lrs[method] > 0:
-            parser.error(f"--backbone-lr {item!r}: the method must be one of --methods {methods}, the rate positive")
+            fixed_lrs[method] = parse_list(value.replace(":", ","), float, f"--backbone-lr {method}")
+        except argparse.ArgumentTypeError:
+            parser.error(f"--backbone-lr takes METHOD=LR or METHOD=LR:LR:... items, got {item!r}")
+        if method not in methods or not all(lr > 0 for lr in fixed_lrs[method]):
+            parser.error(f"--backbone-lr {item!r}: the method must be one of --methods {methods}, the rates positive")
     command = " ".join(shlex.quote(a) for a in ["python", "tools/transfer_study.py", *(argv or sys.argv[1:])])
     study(methods, seeds, sweep, args.max_iter, Path(args.output), args.opts, command, fixed_lrs, args.only_finished)
     print(f"wrote {Path(args.output) / 'transfer.md'}")

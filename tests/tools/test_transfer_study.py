@@ -111,6 +111,44 @@ def test_given_rates_skip_the_sweep_and_only_finished_trains_nothing(tmp_path, m
     assert "full seed 0, full seed 1" in (tmp_path / "transfer.md").read_text()
 
 
+def test_a_partly_finished_sweep_chooses_nothing_and_names_what_is_missing(tmp_path, monkeypatch):
+    tool = _tool()
+
+    def fake_run(out, method, lr, seed, split, max_iter, opts, only_finished=False):
+        done = split == "shapes_minival" and lr == 3e-4  # the 1e-3 sweep run has not run yet
+        return {"params": {"method": method, "backbone_lr": lr, "seed": seed, "split": split},
+                "status": "ok" if done else "missing", "bbox_AP": 30.0 if done else None}
+
+    monkeypatch.setattr(tool, "train_and_evaluate", fake_run)
+    (summary,) = tool.study(["lora"], [0, 1], [3e-4, 1e-3], 2, tmp_path, [], "cmd", None, True)
+    assert summary["chosen_backbone_lr"] is None and summary["missing_sweep"] == [1e-3]
+    assert "lora sweep at 0.001" in (tmp_path / "transfer.md").read_text()
+
+
+def test_a_method_can_sweep_its_own_rates(tmp_path, monkeypatch):
+    """--backbone-lr full=1e-4:3e-4: full sweeps those two on the validation split, the others --lr-sweep's."""
+    tool = _tool()
+    calls = []
+
+    def fake_run(out, method, lr, seed, split, max_iter, opts, only_finished=False):
+        calls.append((method, split, lr))
+        return {"params": {"method": method, "backbone_lr": lr, "seed": seed, "split": split}, "status": "ok",
+                "bbox_AP": 10.0 + 1e4 * lr, "segm_AP": 1.0, "peak_rss_mb": 100.0, "mean_iter_time_s": 1.0,
+                "backbone_trainable_params": 5}
+
+    monkeypatch.setattr(tool, "train_and_evaluate", fake_run)
+    monkeypatch.setattr(tool, "plot", lambda *a: None)
+    study, seen = tool.study, {}
+    monkeypatch.setattr(tool, "study", lambda *a: seen.setdefault("fixed_lrs", a[7]))
+    tool.main(["--methods", "full,e3va", "--lr-sweep", "3e-4,1e-3", "--backbone-lr", "full=1e-4:3e-4"])
+    assert seen["fixed_lrs"] == {"full": [1e-4, 3e-4]}
+    full, e3va = study(["full", "e3va"], [0], [3e-4, 1e-3], 2, tmp_path, [], "cmd", seen["fixed_lrs"])
+    assert [c[2] for c in calls if c[:2] == ("full", "shapes_minival")] == [1e-4, 3e-4]
+    assert [c[2] for c in calls if c[:2] == ("e3va", "shapes_minival")] == [3e-4, 1e-3]
+    assert (full["chosen_backbone_lr"], full["lr_source"]) == (3e-4, "chosen on shapes_minival")
+    assert e3va["chosen_backbone_lr"] == 1e-3
+
+
 def test_the_run_overrides_select_the_split_the_seed_and_the_backbone_rate(tmp_path, monkeypatch):
     tool = _tool()
     seen = {}
@@ -140,6 +178,7 @@ def test_the_run_overrides_select_the_split_the_seed_and_the_backbone_rate(tmp_p
         (["--lr-sweep", "1e-3,-2"], "positive"),
         (["--methods", "e3va", "--backbone-lr", "full=1e-4"], "must be one of --methods"),
         (["--methods", "full", "--backbone-lr", "full=fast"], "METHOD=LR"),
+        (["--methods", "full", "--backbone-lr", "full=1e-4:-1"], "the rates positive"),
     ],
 )
 def test_bad_arguments_are_named(args, needle, capsys):
