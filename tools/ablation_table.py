@@ -4,7 +4,8 @@
 Reads, per variant, ``DIR/<variant>/transfer.json`` (tools/transfer_study.py: box / mask AP over seeds) and
 ``DIR/swin_b_memory/<variant>/results.json`` (tools/benchmark_tuning.py on Swin-B: trainable backbone
 parameters, peak training memory), ``DIR/swin_b_time/round<k>/<variant>/results.json`` (the same tool, every
-variant once per round, rounds interleaved: step time), and the reference e3va row from ``--reference``: the study's
+variant once per round, rounds interleaved: the step's CPU time, which a busy host inflates less than the
+wall time of a one-thread step), and the reference e3va row from ``--reference``: the study's
 e3va runs at the ablations' rate, 1e-3 (``DIR/paper/runs`` links to the study's runs, so that
 ``tools/transfer_study.py --methods e3va --backbone-lr e3va=1e-3 --only-finished --output DIR/paper`` assembles
 them without training). Prints a Markdown table, one row per variant, with the paper's stated direction;
@@ -62,8 +63,9 @@ def _median(values: List[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def step_times(time_dir: Path) -> Dict[str, Tuple[float, float, int]]:
-    """Per variant: (median step time in s, median ratio to the paper's e3va within the same round, rounds).
+def step_times(time_dir: Path) -> Dict[str, Tuple[float, Optional[float], int]]:
+    """Per variant: (median CPU time of a step in s, median ratio to the paper's e3va within the same round or None
+    when no round has that reading, rounds).
 
     The host's speed drifts over a day more than most variants differ, so a variant is compared only with the
     e3va reading of its own round; a round without that reading does not count towards the ratio.
@@ -76,16 +78,25 @@ def step_times(time_dir: Path) -> Dict[str, Tuple[float, float, int]]:
         for name, bench in readings.items():
             if bench is None:
                 continue
-            per_round.setdefault(name, []).append(bench["step_time_s"])
+            per_round.setdefault(name, []).append(bench["step_cpu_time_s"])
             if reference is not None:
-                ratios.setdefault(name, []).append(bench["step_time_s"] / reference["step_time_s"])
-    return {name: (_median(times), _median(ratios[name]) if name in ratios else float("nan"), len(times))
+                ratios.setdefault(name, []).append(bench["step_cpu_time_s"] / reference["step_cpu_time_s"])
+    return {name: (_median(times), _median(ratios[name]) if name in ratios else None, len(times))
             for name, times in per_round.items()}
 
 
+def _step_cells(steps: Dict[str, Tuple[float, Optional[float], int]], name: str) -> Tuple[str, str]:
+    if name not in steps:
+        return "not run", "not run"
+    median, ratio, rounds = steps[name]
+    return (f"{median:.1f} ({rounds} round{'s' if rounds > 1 else ''})",
+            "no e3va reading in its rounds" if ratio is None else f"{ratio:.2f}")
+
+
 def table(ablations: Path, reference: Path) -> str:
-    lines = ["| variant | override | box AP | mask AP | seeds | Swin-B backbone trainable (M) | Swin-B peak memory (MB) "
-             "| Swin-B step (s) | step / e3va's | paper's direction |", "|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    lines = ["| variant | override | box AP | mask AP | seeds | Swin-B backbone trainable (M) "
+             "| Swin-B peak memory (MB) | Swin-B step, CPU (s) | step / e3va's | paper's direction |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
     steps = step_times(ablations / "swin_b_time")
     for name, override, direction in VARIANTS:
         shapes = _transfer(reference if name == "paper" else ablations / name / "transfer.json")
@@ -93,7 +104,7 @@ def table(ablations: Path, reference: Path) -> str:
         seeds = ", ".join(str(s) for s in shapes["seeds"] if s not in shapes.get("missing_seeds", [])) if shapes else ""
         params = f"{bench['backbone_trainable_params'] / 1e6:.2f}" if bench else "not run"
         memory = f"{bench['peak_memory_mb']:.0f}" if bench else "not run"
-        step, ratio = (f"{steps[name][0]:.1f}", f"{steps[name][1]:.2f}") if name in steps else ("not run", "not run")
+        step, ratio = _step_cells(steps, name)
         label = "e3va (the paper's)" if name == "paper" else name
         lines.append(f"| {label} | {override} | {_ap(shapes, 'bbox_AP')} | {_ap(shapes, 'segm_AP')} | {seeds} "
                      f"| {params} | {memory} | {step} | {ratio} | {direction} |")

@@ -231,10 +231,13 @@ def held_out_metrics(model: DenseParser, pool: Dict[str, torch.Tensor], pretext:
     if pretext == "coarse":
         pred16 = torch.cat([o[0][COARSE_STAGES[0]].argmax(1) for o in outs])
         true16 = fractions[COARSE_STAGES[0]].argmax(1)
+        right = pred16 == true16
+        majority = torch.bincount(true16.flatten()).argmax()
         return {
-            "cell16_accuracy": round((pred16 == true16).float().mean().item(), 4),
-            "cell16_majority_baseline": round((true16 == torch.bincount(true16.flatten()).argmax()).float().mean().item(), 4),
-            "shape_cell16_accuracy": round((pred16 == true16)[true16 != 0].float().mean().item(), 4),
+            "cell16_accuracy": round(right.float().mean().item(), 4),
+            "cell16_majority_baseline": round((true16 == majority).float().mean().item(), 4),
+            # 0 when no cell's majority is a shape (a tiny held-out set), rather than the NaN of an empty mean
+            "shape_cell16_accuracy": round(right[true16 != 0].float().mean().item(), 4) if (true16 != 0).any() else 0.0,
             "presence_accuracy": presence_accuracy,
         }
     return {

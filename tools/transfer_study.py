@@ -214,14 +214,17 @@ def plot(summaries: List[Dict], path: Path) -> None:
 
 def study(methods: Sequence[str], seeds: Sequence[int], sweep_lrs: Sequence[float], max_iter: Optional[int],
           out: Path, opts: Sequence[str], command: str,
-          fixed_lrs: Optional[Dict[str, Union[float, Sequence[float]]]] = None,
+          method_lrs: Optional[Dict[str, Union[float, Sequence[float]]]] = None,
           only_finished: bool = False) -> List[Dict]:
-    """Runs (or resumes) the study and rewrites its outputs after every method. ``fixed_lrs`` gives some
+    """Runs (or resumes) the study and rewrites its outputs after every method. ``method_lrs`` gives some
     methods their own rates instead of ``sweep_lrs``: one rate is given (no sweep), several are that
     method's own sweep (e.g. a lower range for full fine-tuning)."""
     summaries = []
     runs_all = []
-    own_lrs = {m: [v] if isinstance(v, (int, float)) else list(v) for m, v in (fixed_lrs or {}).items()}
+    own_lrs = {m: [v] if isinstance(v, (int, float)) else list(v) for m, v in (method_lrs or {}).items()}
+    empty = [m for m, rates in own_lrs.items() if not rates]
+    if empty:
+        raise ValueError(f"method_lrs gives {empty} no rate; give one rate, or several to sweep.")
     for method in methods:
         rates = own_lrs.get(method, sweep_lrs)
         # One value is nothing to choose from: it is the rate, with no validation run.
@@ -230,10 +233,11 @@ def study(methods: Sequence[str], seeds: Sequence[int], sweep_lrs: Sequence[floa
                  for lr in candidates]
         if method in own_lrs and not candidates:
             lr, source = rates[0], "given"
+        elif any(r["status"] != "ok" for r in sweep):
+            # A sweep with a run missing or failed has chosen nothing: picking among the rest would be another sweep.
+            lr, source = None, "sweep unfinished"
         elif candidates:
-            # A sweep with a run still missing has chosen nothing yet (--only-finished must not pick among part).
-            unfinished = any(r["status"] == "missing" for r in sweep)
-            lr, source = (None if unfinished else choose_lr(sweep)), "chosen on shapes_minival"
+            lr, source = choose_lr(sweep), "chosen on shapes_minival"
         else:
             lr, source = (sweep_lrs[0], "given") if sweep_lrs else (HEAD_LR, "the heads' rate")
         runs = [] if lr is None else [
@@ -278,17 +282,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"--seeds must be non-negative integers, got {seeds}")
     if any(not lr > 0 for lr in sweep):
         parser.error(f"--lr-sweep values must be positive, got {sweep}")
-    fixed_lrs = {}
+    method_lrs: Dict[str, List[float]] = {}
     for item in parse_list(args.backbone_lr, str, "--backbone-lr") if args.backbone_lr.strip() else []:
         method, _, value = item.partition("=")
+        if method not in methods:
+            parser.error(f"--backbone-lr {item!r}: {method!r} is not one of --methods {methods}")
+        if method in method_lrs:
+            parser.error(f"--backbone-lr names {method!r} twice; give its rates once, e.g. {method}=1e-4:3e-4")
         try:
-            fixed_lrs[method] = parse_list(value.replace(":", ","), float, f"--backbone-lr {method}")
-        except argparse.ArgumentTypeError:
-            parser.error(f"--backbone-lr takes METHOD=LR or METHOD=LR:LR:... items, got {item!r}")
-        if method not in methods or not all(lr > 0 for lr in fixed_lrs[method]):
-            parser.error(f"--backbone-lr {item!r}: the method must be one of --methods {methods}, the rates positive")
+            method_lrs[method] = parse_list(value.replace(":", ","), float, f"--backbone-lr {method}'s rates")
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"{e}; items are METHOD=LR or METHOD=LR:LR:... (its own sweep)")
+        if not all(lr > 0 for lr in method_lrs[method]):
+            parser.error(f"--backbone-lr {item!r}: rates must be positive")
     command = " ".join(shlex.quote(a) for a in ["python", "tools/transfer_study.py", *(argv or sys.argv[1:])])
-    study(methods, seeds, sweep, args.max_iter, Path(args.output), args.opts, command, fixed_lrs, args.only_finished)
+    study(methods, seeds, sweep, args.max_iter, Path(args.output), args.opts, command, method_lrs,
+          args.only_finished)
     print(f"wrote {Path(args.output) / 'transfer.md'}")
 
 

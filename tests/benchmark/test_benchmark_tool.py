@@ -23,6 +23,7 @@ from e3va.benchmark import (
     run_benchmark,
     write_markdown,
 )
+from e3va.benchmark.measure import reference_overrides
 from e3va.synthetic import synthetic_batch
 from helpers import REPO
 
@@ -208,3 +209,9 @@ def test_a_failure_in_any_round_fails_the_method():
     assert fixed["status"] == "ok" and "rounds" not in fixed  # one record: returned as it was
     assert paired_time_ratios(fixed, fixed) == []  # one round: no per-round ratios
     assert "| e3va (failed) |" in format_markdown_table([fixed, e3va])
+
+
+def test_the_reference_is_built_without_the_methods_own_options():
+    given = ["model.backbone.bottom_up.highway_merging=trainable", "model.backbone.bottom_up.adapter_input=sublayer_input",
+             "model.backbone.bottom_up.drop_path_rate=0.3", "model.backbone.bottom_up.fused_adapters=False"]
+    assert reference_overrides(given) == ["model.backbone.bottom_up.drop_path_rate=0.3"]

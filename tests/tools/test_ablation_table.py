@@ -22,18 +22,21 @@ def test_rows_come_from_the_files_and_missing_runs_are_named(tmp_path):
     loaded = tmp_path / "abl" / "swin_b_memory" / "merging" / "results.json"
     loaded.parent.mkdir(parents=True)
     loaded.write_text(json.dumps([{"method": "e3va", "status": "ok", "backbone_trainable_params": 3_950_000,
-                                   "peak_memory_mb": 1055.8, "step_time_s": 54.0, "load_avg_1m_before": 3.84,
-                                   "load_avg_1m_after": 5.06}]))
+                                   "peak_memory_mb": 1055.8, "step_time_s": 54.0}]))
     for round_name, readings in {"round1": {"paper": 30.0, "stacked": 36.0}, "round2": {"paper": 40.0, "stacked": 44.0},
-                                 "round3": {"stacked": 100.0}}.items():  # round 3 has no e3va reading
+                                 "round3": {"stacked": 100.0, "direct": 50.0}}.items():  # round 3: no e3va
         for name, step in readings.items():
             path = tmp_path / "abl" / "swin_b_time" / round_name / name / "results.json"
             path.parent.mkdir(parents=True)
-            path.write_text(json.dumps([{"method": "e3va", "status": "ok", "step_time_s": step}]))
+            path.write_text(json.dumps([{"method": "e3va", "status": "ok", "step_time_s": 2 * step,
+                                         "step_cpu_time_s": step}]))  # a busy host: wall time is not read
     rows = {line.split(" | ")[0].lstrip("| "): line
             for line in load_tool("ablation_table").table(tmp_path / "abl", tmp_path / "reference.json").splitlines()}
-    assert "| 37.0 ± 1.0 | 37.0 ± 1.0 | 0, 1, 2 | not run | not run | 35.0 | 1.00 |" in rows["e3va (the paper's)"]
+    paper = rows["e3va (the paper's)"]
+    assert "| 37.0 ± 1.0 | 37.0 ± 1.0 | 0, 1, 2 | not run | not run | 35.0 (2 rounds) | 1.00 |" in paper
     # step: median over rounds (36, 44, 100); ratio: median of the same-round ratios (1.2, 1.1), not 44 / 35
-    assert "| 35.2 | 35.2 | 0 | 1.20 | 1234 | 44.0 | 1.15 | parallel is better and faster |" in rows["stacked"]
-    assert "| not run | not run |  | not run | not run | not run | not run |" in rows["direct"]
-    assert "| 3.95 | 1056 | not run | not run | many more parameters" in rows["merging"]  # a loaded time is not shown
+    assert "| 35.2 | 35.2 | 0 | 1.20 | 1234 | 44.0 (3 rounds) | 1.15 | parallel is better" in rows["stacked"]
+    # only in a round without e3va's reading: a time, but no ratio (never a NaN)
+    assert "| not run |  | not run | not run | 50.0 (1 round) | no e3va reading in its rounds |" in rows["direct"]
+    # the memory run's own step time is not shown
+    assert "| 3.95 | 1056 | not run | not run | many more parameters" in rows["merging"]

@@ -121,8 +121,25 @@ def test_a_partly_finished_sweep_chooses_nothing_and_names_what_is_missing(tmp_p
 
     monkeypatch.setattr(tool, "train_and_evaluate", fake_run)
     (summary,) = tool.study(["lora"], [0, 1], [3e-4, 1e-3], 2, tmp_path, [], "cmd", None, True)
-    assert summary["chosen_backbone_lr"] is None and summary["missing_sweep"] == [1e-3]
+    assert summary["chosen_backbone_lr"] is None and summary["lr_source"] == "sweep unfinished"
+    assert summary["missing_sweep"] == [1e-3]
     assert "lora sweep at 0.001" in (tmp_path / "transfer.md").read_text()
+
+
+def test_a_failed_sweep_run_chooses_nothing_and_trains_no_seed(tmp_path, monkeypatch):
+    tool = _tool()
+    calls = []
+
+    def fake_run(out, method, lr, seed, split, max_iter, opts, only_finished=False):
+        calls.append(split)
+        ok = lr == 3e-4  # the 1e-3 sweep run crashed
+        return {"params": {"method": method, "backbone_lr": lr, "seed": seed, "split": split},
+                "status": "ok" if ok else "failed (exit 1)", "bbox_AP": 30.0 if ok else None}
+
+    monkeypatch.setattr(tool, "train_and_evaluate", fake_run)
+    (summary,) = tool.study(["lora"], [0, 1], [3e-4, 1e-3], 2, tmp_path, [], "cmd")
+    assert summary["chosen_backbone_lr"] is None and calls == ["shapes_minival", "shapes_minival"]
+    assert "lora: failed (exit 1)" in (tmp_path / "transfer.md").read_text()
 
 
 def test_a_method_can_sweep_its_own_rates(tmp_path, monkeypatch):
@@ -139,10 +156,10 @@ def test_a_method_can_sweep_its_own_rates(tmp_path, monkeypatch):
     monkeypatch.setattr(tool, "train_and_evaluate", fake_run)
     monkeypatch.setattr(tool, "plot", lambda *a: None)
     study, seen = tool.study, {}
-    monkeypatch.setattr(tool, "study", lambda *a: seen.setdefault("fixed_lrs", a[7]))
+    monkeypatch.setattr(tool, "study", lambda *a: seen.setdefault("method_lrs", a[7]))
     tool.main(["--methods", "full,e3va", "--lr-sweep", "3e-4,1e-3", "--backbone-lr", "full=1e-4:3e-4"])
-    assert seen["fixed_lrs"] == {"full": [1e-4, 3e-4]}
-    full, e3va = study(["full", "e3va"], [0], [3e-4, 1e-3], 2, tmp_path, [], "cmd", seen["fixed_lrs"])
+    assert seen["method_lrs"] == {"full": [1e-4, 3e-4]}
+    full, e3va = study(["full", "e3va"], [0], [3e-4, 1e-3], 2, tmp_path, [], "cmd", seen["method_lrs"])
     assert [c[2] for c in calls if c[:2] == ("full", "shapes_minival")] == [1e-4, 3e-4]
     assert [c[2] for c in calls if c[:2] == ("e3va", "shapes_minival")] == [3e-4, 1e-3]
     assert (full["chosen_backbone_lr"], full["lr_source"]) == (3e-4, "chosen on shapes_minival")
@@ -176,9 +193,11 @@ def test_the_run_overrides_select_the_split_the_seed_and_the_backbone_rate(tmp_p
         (["--seeds", "0,0"], "without repeats"),
         (["--seeds", "-1"], "non-negative"),
         (["--lr-sweep", "1e-3,-2"], "positive"),
-        (["--methods", "e3va", "--backbone-lr", "full=1e-4"], "must be one of --methods"),
+        (["--methods", "e3va", "--backbone-lr", "full=1e-4"], "'full' is not one of --methods"),
         (["--methods", "full", "--backbone-lr", "full=fast"], "METHOD=LR"),
-        (["--methods", "full", "--backbone-lr", "full=1e-4:-1"], "the rates positive"),
+        (["--methods", "full", "--backbone-lr", "full=1e-4:-1"], "rates must be positive"),
+        (["--methods", "full", "--backbone-lr", "full=1e-4:1e-4"], "without repeats"),
+        (["--methods", "full", "--backbone-lr", "full=1e-4,full=3e-4"], "names 'full' twice"),
     ],
 )
 def test_bad_arguments_are_named(args, needle, capsys):

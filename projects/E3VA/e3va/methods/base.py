@@ -129,7 +129,7 @@ class TuningOptions:
 # The options that shape a method's own modules; the rest of TuningOptions applies to every method.
 METHOD_OPTIONS = ("rank", "bottleneck_ratio", "activation", "adapter_input", "adapter_arrangement")
 # How a side network runs: meaningless without one, so a method without one refuses other values than the
-# defaults (as it refuses the CROSSING_OPTIONS), instead of silently ignoring them.
+# defaults instead of silently ignoring them (a trunk without patch merging refuses any CROSSING_OPTIONS value).
 SIDE_NETWORK_OPTIONS = ("fused_adapters", "saved_input_dtype")
 # How a side network crosses a Swin stage end: only a trunk with patch merging and a side network take them.
 CROSSING_OPTIONS = ("highway_downsample", "highway_merging")
