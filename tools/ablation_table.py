@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from statistics import median
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -57,12 +58,6 @@ def _swin_b(path: Path) -> Optional[Dict[str, Any]]:
     return rows[0] if rows else None
 
 
-def _median(values: List[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def step_times(time_dir: Path) -> Dict[str, Tuple[float, Optional[float], int]]:
     """Per variant: (median CPU time of a step in s, median ratio to the paper's e3va within the same round or None
     when no round has that reading, rounds).
@@ -81,7 +76,7 @@ def step_times(time_dir: Path) -> Dict[str, Tuple[float, Optional[float], int]]:
             per_round.setdefault(name, []).append(bench["step_cpu_time_s"])
             if reference is not None:
                 ratios.setdefault(name, []).append(bench["step_cpu_time_s"] / reference["step_cpu_time_s"])
-    return {name: (_median(times), _median(ratios[name]) if name in ratios else None, len(times))
+    return {name: (median(times), median(ratios[name]) if name in ratios else None, len(times))
             for name, times in per_round.items()}
 
 

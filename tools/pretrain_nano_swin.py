@@ -210,9 +210,13 @@ def held_out_metrics(model: DenseParser, pool: Dict[str, torch.Tensor], pretext:
     model.eval()
     outs = [model(normalise(pool["images"][i:i + 64])) for i in range(0, len(pool["images"]), 64)]
     model.train()
+    presence = torch.cat([o[2] for o in outs]) > 0
+    presence_accuracy = round((presence == shapes_present(pool["labels"])).float().mean().item(), 4)
+    if pretext == "classification":
+        return {"presence_accuracy": presence_accuracy}
     fractions, _ = dense_targets(pool["labels"], pool["edges"])
-    pred8 = torch.cat([o[0][1].argmax(1) for o in outs])
-    true8 = fractions[1].argmax(1)
+    if pretext == "coarse":
+        return {**_cell_metrics(outs, fractions, COARSE_STAGES[0], "16"), "presence_accuracy": presence_accuracy}
     pred4 = torch.cat([o[0][0].argmax(1) for o in outs])
     true4 = fractions[0].argmax(1)
     ious = []
@@ -221,31 +225,24 @@ def held_out_metrics(model: DenseParser, pool: Dict[str, torch.Tensor], pretext:
         union = ((pred4 == k) | (true4 == k)).sum().item()
         if union:
             ious.append(inter / union)
-    presence = torch.cat([o[2] for o in outs]) > 0
-    present = shapes_present(pool["labels"])
-    most_frequent = torch.bincount(true8.flatten()).argmax()
-    shape_cells = true8 != 0
-    presence_accuracy = round((presence == present).float().mean().item(), 4)
-    if pretext == "classification":
-        return {"presence_accuracy": presence_accuracy}
-    if pretext == "coarse":
-        pred16 = torch.cat([o[0][COARSE_STAGES[0]].argmax(1) for o in outs])
-        true16 = fractions[COARSE_STAGES[0]].argmax(1)
-        right = pred16 == true16
-        majority = torch.bincount(true16.flatten()).argmax()
-        return {
-            "cell16_accuracy": round(right.float().mean().item(), 4),
-            "cell16_majority_baseline": round((true16 == majority).float().mean().item(), 4),
-            # 0 when no cell's majority is a shape (a tiny held-out set), rather than the NaN of an empty mean
-            "shape_cell16_accuracy": round(right[true16 != 0].float().mean().item(), 4) if (true16 != 0).any() else 0.0,
-            "presence_accuracy": presence_accuracy,
-        }
+    return {**_cell_metrics(outs, fractions, 1, ""), "mean_iou": round(float(np.mean(ious)), 4),
+            "presence_accuracy": presence_accuracy}
+
+
+def _cell_metrics(outs: List[Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor]],
+                  fractions: List[torch.Tensor], stage: int, tag: str) -> Dict[str, float]:
+    """``cell{tag}_accuracy``, ``cell{tag}_majority_baseline`` and ``shape_cell{tag}_accuracy`` of one stage's
+    parsing head against each cell's majority class."""
+    pred = torch.cat([o[0][stage].argmax(1) for o in outs])
+    true = fractions[stage].argmax(1)
+    right = pred == true
+    shape_cells = true != 0
+    majority = torch.bincount(true.flatten()).argmax()
     return {
-        "cell_accuracy": round((pred8 == true8).float().mean().item(), 4),
-        "cell_majority_baseline": round((true8 == most_frequent).float().mean().item(), 4),
-        "shape_cell_accuracy": round((pred8 == true8)[shape_cells].float().mean().item(), 4),
-        "mean_iou": round(float(np.mean(ious)), 4),
-        "presence_accuracy": presence_accuracy,
+        f"cell{tag}_accuracy": round(right.float().mean().item(), 4),
+        f"cell{tag}_majority_baseline": round((true == majority).float().mean().item(), 4),
+        # 0 when no cell's majority is a shape (a tiny held-out set), rather than the NaN of an empty mean
+        f"shape_cell{tag}_accuracy": round(right[shape_cells].float().mean().item(), 4) if shape_cells.any() else 0.0,
     }
 
 

@@ -18,6 +18,14 @@ def _tool():
     return load_tool("transfer_study")
 
 
+def _record(method, lr, seed, split, status="ok", **fields):
+    """A run record as train_and_evaluate returns it, for the fakes that stand in for training."""
+    return {"params": {"method": method, "backbone_lr": lr, "seed": seed, "split": split}, "status": status, **fields}
+
+
+FINISHED = {"segm_AP": 1.0, "peak_rss_mb": 100.0, "mean_iter_time_s": 1.0, "backbone_trainable_params": 5}
+
+
 @pytest.mark.slow
 def test_two_methods_two_seeds_give_json_markdown_and_plot(tmp_path):
     env = {**os.environ, "E3VA_DATASETS": str(tmp_path / "shapes")}
@@ -68,9 +76,7 @@ def test_the_sweep_chooses_on_the_validation_split_never_the_test_split(tmp_path
 
     def fake_run(out, method, lr, seed, split, max_iter, opts, only_finished=False):
         calls.append((split, lr, seed))
-        return {"params": {"method": method, "backbone_lr": lr, "seed": seed, "split": split}, "status": "ok",
-                "bbox_AP": ap[(split, lr)] + seed, "segm_AP": 1.0, "peak_rss_mb": 100.0, "mean_iter_time_s": 1.0,
-                "backbone_trainable_params": 5}
+        return _record(method, lr, seed, split, bbox_AP=ap[(split, lr)] + seed, **FINISHED)
 
     monkeypatch.setattr(tool, "train_and_evaluate", fake_run)
     (summary,) = tool.study(["e3va"], [0, 1], [3e-4, 1e-3, 3e-3], 2, tmp_path, [], "cmd")
@@ -89,10 +95,8 @@ def test_the_first_seed_reuses_the_chosen_sweep_run_and_the_choice_ignores_its_t
         calls.append((split, lr, seed))
         # The sweep runs' test-split AP prefers 1e-3, their validation AP prefers 3e-3.
         also = {"shapes_val": {"bbox_AP": 50.0 if lr == 1e-3 else 40.0, "segm_AP": 2.0}}
-        return {"params": {"method": method, "backbone_lr": lr, "seed": seed, "split": split}, "status": "ok",
-                "bbox_AP": {1e-3: 20.0, 3e-3: 30.0}[lr] + seed, "segm_AP": 1.0, "peak_rss_mb": 100.0,
-                "mean_iter_time_s": 1.0, "backbone_trainable_params": 5,
-                **({"also_evaluated": also} if split == "shapes_minival" else {})}
+        return _record(method, lr, seed, split, bbox_AP={1e-3: 20.0, 3e-3: 30.0}[lr] + seed, **FINISHED,
+                       **({"also_evaluated": also} if split == "shapes_minival" else {}))
 
     monkeypatch.setattr(tool, "train_and_evaluate", fake_run)
     (summary,) = tool.study(["e3va"], [0, 1], [1e-3, 3e-3], 2, tmp_path, [], "cmd")
@@ -116,8 +120,7 @@ def test_a_partly_finished_sweep_chooses_nothing_and_names_what_is_missing(tmp_p
 
     def fake_run(out, method, lr, seed, split, max_iter, opts, only_finished=False):
         done = split == "shapes_minival" and lr == 3e-4  # the 1e-3 sweep run has not run yet
-        return {"params": {"method": method, "backbone_lr": lr, "seed": seed, "split": split},
-                "status": "ok" if done else "missing", "bbox_AP": 30.0 if done else None}
+        return _record(method, lr, seed, split, "ok" if done else "missing", bbox_AP=30.0 if done else None)
 
     monkeypatch.setattr(tool, "train_and_evaluate", fake_run)
     (summary,) = tool.study(["lora"], [0, 1], [3e-4, 1e-3], 2, tmp_path, [], "cmd", None, True)
@@ -133,8 +136,7 @@ def test_a_failed_sweep_run_chooses_nothing_and_trains_no_seed(tmp_path, monkeyp
     def fake_run(out, method, lr, seed, split, max_iter, opts, only_finished=False):
         calls.append(split)
         ok = lr == 3e-4  # the 1e-3 sweep run crashed
-        return {"params": {"method": method, "backbone_lr": lr, "seed": seed, "split": split},
-                "status": "ok" if ok else "failed (exit 1)", "bbox_AP": 30.0 if ok else None}
+        return _record(method, lr, seed, split, "ok" if ok else "failed (exit 1)", bbox_AP=30.0 if ok else None)
 
     monkeypatch.setattr(tool, "train_and_evaluate", fake_run)
     (summary,) = tool.study(["lora"], [0, 1], [3e-4, 1e-3], 2, tmp_path, [], "cmd")
@@ -149,9 +151,7 @@ def test_a_method_can_sweep_its_own_rates(tmp_path, monkeypatch):
 
     def fake_run(out, method, lr, seed, split, max_iter, opts, only_finished=False):
         calls.append((method, split, lr))
-        return {"params": {"method": method, "backbone_lr": lr, "seed": seed, "split": split}, "status": "ok",
-                "bbox_AP": 10.0 + 1e4 * lr, "segm_AP": 1.0, "peak_rss_mb": 100.0, "mean_iter_time_s": 1.0,
-                "backbone_trainable_params": 5}
+        return _record(method, lr, seed, split, bbox_AP=10.0 + 1e4 * lr, **FINISHED)
 
     monkeypatch.setattr(tool, "train_and_evaluate", fake_run)
     monkeypatch.setattr(tool, "plot", lambda *a: None)
