@@ -16,7 +16,7 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 METRICS = {"box": "bbox_AP", "mask": "segm_AP"}
 
@@ -55,8 +55,8 @@ def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
 
 def student_t_two_sided_p(t: float, df: float) -> float:
     """P(|T| >= |t|) for Student's t with ``df`` (> 0, not necessarily whole) degrees of freedom."""
-    if not df > 0:
-        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    if not (df > 0 and math.isfinite(df)) or math.isnan(t):
+        raise ValueError(f"need a number t and finite degrees of freedom > 0, got t={t}, df={df}")
     return regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
 
 
@@ -74,24 +74,24 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Dict[str, float]:
     return {"diff": diff, "t": t, "df": df, "p": student_t_two_sided_p(t, df)}
 
 
-def per_seed(summary: Dict, key: str) -> Dict[int, float]:
+def per_seed(summary: Dict[str, Any], key: str) -> Dict[int, float]:
     """{seed: AP} of one method's summary in ``transfer.json``."""
-    return dict(zip(summary["seeds"], summary[f"{key}_per_seed"]))
+    return dict(zip(summary["seeds"], summary[f"{key}_per_seed"], strict=True))
 
 
-def gap(first: Dict, second: Dict, key: str) -> Dict:
-    """``second`` minus ``first`` in metric ``key``: means, spreads, same-seed differences and Welch's test."""
-    x, y = per_seed(first, key), per_seed(second, key)
-    a, b = list(y.values()), list(x.values())
-    test = welch(a, b)
-    spreads = (statistics.stdev(b), statistics.stdev(a))
+def gap(first: Dict[str, Any], second: Dict[str, Any], key: str) -> Dict[str, Any]:
+    """``second`` minus ``first`` in metric ``key``: the difference of the means, both spreads (first's,
+    second's) and Welch's test, over all seeds of each; the same-seed differences over the seeds both have."""
+    before, after = per_seed(first, key), per_seed(second, key)
+    test = welch(list(after.values()), list(before.values()))
+    spreads = (statistics.stdev(before.values()), statistics.stdev(after.values()))
     return {**test, "spreads": spreads, "beyond_both_spreads": abs(test["diff"]) > max(spreads),
-            "same_seed": {s: y[s] - x[s] for s in sorted(set(x) & set(y))}}
+            "same_seed": {s: after[s] - before[s] for s in sorted(set(before) & set(after))}}
 
 
-def table(summaries: Dict[str, Dict], methods: Sequence[str]) -> str:
+def table(summaries: Dict[str, Dict[str, Any]], methods: Sequence[str]) -> str:
     """A Markdown table of every pair of ``methods`` (later minus earlier), box then mask AP."""
-    lines = ["| metric | pair | difference | spreads | beyond both spreads | same-seed differences | Welch t (df) | p |",
+    lines = ["| metric | pair | difference | spreads (earlier, later) | beyond both spreads | same-seed differences | Welch t (df) | p |",
              "|---|---|---:|---|---|---|---:|---:|"]
     for name, key in METRICS.items():
         for first, second in itertools.combinations(methods, 2):
@@ -103,7 +103,7 @@ def table(summaries: Dict[str, Dict], methods: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def load_summaries(study_dir: Path) -> Dict[str, Dict]:
+def load_summaries(study_dir: Path) -> Dict[str, Dict[str, Any]]:
     """The per-method summaries of ``study_dir/transfer.json``, by method."""
     path = study_dir / "transfer.json"
     if not path.is_file():
@@ -119,7 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     summaries = load_summaries(args.study)
     unknown = [m for m in args.methods if m not in summaries]
     if unknown or len(args.methods) < 2:
-        parser.error(f"give two or more of the study's methods ({', '.join(summaries)}); got {args.methods}")
+        parser.error(f"give two or more of the study's methods ({', '.join(summaries)}); got {args.methods}"
+                     + (f", unknown: {unknown}" if unknown else ""))
     short = [m for m in args.methods if len(summaries[m]["seeds"]) < 2]
     if short:
         parser.error(f"{short} have fewer than two seeds in {args.study}: no spread to compare")
